@@ -1,0 +1,23 @@
+"""gpt_1_2b: the 1.2B-parameter GPT of Megatron-LM (Shoeybi et al. 2019), 40 layers x 1536 x 16 heads.
+
+Command:   python -m shardlm.train --config gpt_1_2b.py
+Hardware:  one 40-80 GB GPU per model copy (Megatron-LM Table 1: no model parallelism).
+Layout:    pure data parallel over all GPUs (--config.mesh.model=1); add --config.mesh.fsdp=N to shard parameters
+           and optimizer state ZeRO-3 style when memory is short.
+Recipe:    Megatron-LM's GPT-2 schedule: global batch 512 x 1024, lr 1.5e-4, 3k warmup, cosine
+           to 1e-5 over 300k steps, weight decay 0.01, bf16 compute. GPT-2's 50257 ids are padded
+           to a multiple of 128 x mesh.model. Until the data pipeline lands, the only corpus is the
+           byte-level standard library, so this is for layout and throughput checks.
+"""
+from shardlm.config import defaults
+
+
+def get_config():
+  c = defaults()
+  c.model.update(num_layers=40, hidden=1536, num_heads=16, seq_len=1024, vocab_size=50257,
+                 dtype='bfloat16', remat='selective')
+  c.data.update(batch_size=512)
+  c.optimizer.update(lr=1.5e-4, min_lr=1e-5, warmup_steps=3000, schedule='cosine', weight_decay=0.01)
+  c.train.update(steps=300_000, eval_every=1000, eval_batches=10)
+  c.log.update(every=100)
+  return c

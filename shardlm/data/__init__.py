@@ -1,0 +1,1 @@
+"""Tokenizers, the default corpus, and step-indexed batches."""

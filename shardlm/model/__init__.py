@@ -1,0 +1,1 @@
+"""Transformer models written once, for one device, naming logical axes only."""

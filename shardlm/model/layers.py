@@ -1,0 +1,103 @@
+"""Building blocks with logical axis names: embedding, LayerNorm, MLP, self-attention."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from shardlm.model.attention import attend
+from shardlm.sharding import constrain
+
+RESIDUAL = ('batch', 'length', 'act_embed')
+
+
+def _param(rngs, shape, std, names, dtype):
+  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, out_sharding=names)
+
+
+def _zeros(shape, names, dtype):
+  return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names)
+
+
+class Embed(nnx.Module):
+  """Token table [V, D], vocabulary-parallel; the LM head reuses it (tied)."""
+
+  def __init__(self, vocab, padded_vocab, hidden, *, std, dtype, param_dtype, rngs):
+    # Real rows are drawn at their unpadded shape and padding rows are zero, so the model
+    # is the same function whatever padding the model-axis size asks for.
+    table = jax.random.normal(rngs.params(), (vocab, hidden), param_dtype) * std
+    table = jnp.pad(table, ((0, padded_vocab - vocab), (0, 0)))
+    self.embedding = nnx.Param(table, out_sharding=('vocab', 'embed'))
+    self.dtype = dtype
+
+  def __call__(self, ids_bt):
+    # A gather from a table sharded on V: each shard looks up its own rows and the
+    # partitioner sums the partial results (Megatron's vocab-parallel embedding).
+    return jnp.take(self.embedding[...].astype(self.dtype), ids_bt, axis=0)
+
+  def attend(self, x_btd):
+    logits_btv = jnp.einsum('BTD,VD->BTV', x_btd, self.embedding[...].astype(self.dtype))
+    return constrain(logits_btv, ('batch', 'length', 'act_vocab'))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over D, computed in float32 whatever the compute dtype."""
+
+  def __init__(self, hidden, *, eps, param_dtype):
+    self.scale = nnx.Param(jnp.ones((hidden,), param_dtype), out_sharding=('embed',))
+    self.bias = _zeros((hidden,), ('embed',), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x_btd):
+    x = x_btd.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x_btd.dtype)
+
+
+class MLP(nnx.Module):
+  """D -> F -> D with GELU; F is split over the model axis (column- then row-parallel)."""
+
+  def __init__(self, hidden, mlp_dim, *, std, out_std, dtype, param_dtype, rngs):
+    self.fc = nnx.Dict(kernel=_param(rngs, (hidden, mlp_dim), std, ('embed', 'mlp'), param_dtype),
+                       bias=_zeros((mlp_dim,), ('mlp',), param_dtype))
+    self.proj = nnx.Dict(kernel=_param(rngs, (mlp_dim, hidden), out_std, ('mlp', 'embed'), param_dtype),
+                         bias=_zeros((hidden,), ('embed',), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x_btd):
+    h_btf = jnp.einsum('BTD,DF->BTF', x_btd, self.fc['kernel'][...].astype(self.dtype))
+    h_btf = h_btf + self.fc['bias'][...].astype(self.dtype)
+    h_btf = constrain(checkpoint_name(h_btf, 'mlp_in'), ('batch', 'length', 'act_mlp'))
+    h_btf = jax.nn.gelu(h_btf, approximate=True)  # GPT-2's tanh form
+    y_btd = jnp.einsum('BTF,FD->BTD', h_btf, self.proj['kernel'][...].astype(self.dtype))
+    y_btd = y_btd + self.proj['bias'][...].astype(self.dtype)
+    return checkpoint_name(constrain(y_btd, RESIDUAL), 'mlp_out')
+
+
+class SelfAttention(nnx.Module):
+  """Fused Q/K/V [D, 3, N, H] and output [N, H, D] projections, split over heads."""
+
+  def __init__(self, hidden, num_heads, *, std, out_std, causal, kind, dtype, param_dtype, rngs):
+    head_dim = hidden // num_heads
+    # [D, 3, N, H] is GPT-2's c_attn [D, 3D] reshaped, so weights map one to one.
+    self.qkv = nnx.Dict(
+        kernel=_param(rngs, (hidden, 3, num_heads, head_dim), std, ('embed', None, 'heads', 'kv'),
+                      param_dtype),
+        bias=_zeros((3, num_heads, head_dim), (None, 'heads', 'kv'), param_dtype))
+    self.out = nnx.Dict(
+        kernel=_param(rngs, (num_heads, head_dim, hidden), out_std, ('heads', 'kv', 'embed'),
+                      param_dtype),
+        bias=_zeros((hidden,), ('embed',), param_dtype))
+    self.causal, self.kind, self.dtype = causal, kind, dtype
+
+  def __call__(self, x_btd):
+    qkv = jnp.einsum('BTD,DCNH->CBTNH', x_btd, self.qkv['kernel'][...].astype(self.dtype))
+    qkv = qkv + self.qkv['bias'][...].astype(self.dtype)[:, None, None]
+    qkv = constrain(checkpoint_name(qkv, 'qkv'), (None, 'batch', 'length', 'act_heads', None))
+    q_btnh, k_btnh, v_btnh = qkv[0], qkv[1], qkv[2]
+    o_btnh = attend(q_btnh, k_btnh, v_btnh, kind=self.kind, causal=self.causal)
+    o_btnh = checkpoint_name(o_btnh, 'attn_core')
+    y_btd = jnp.einsum('BTNH,NHD->BTD', o_btnh, self.out['kernel'][...].astype(self.dtype))
+    y_btd = y_btd + self.out['bias'][...].astype(self.dtype)
+    return checkpoint_name(constrain(y_btd, RESIDUAL), 'attn_out')

@@ -1,0 +1,36 @@
+"""The optax chain: clip by global norm, AdamW with Megatron's decay mask, warmup + decay schedule."""
+import jax
+import optax
+
+# Megatron-LM decays weight matrices and embeddings but not biases or LayerNorm parameters.
+_NO_DECAY = ('bias', 'scale')
+
+
+def schedule(o, total_steps: int) -> optax.Schedule:
+  """Linear warmup to lr, then cosine or linear decay to min_lr by decay_steps (or the end)."""
+  decay_steps = o.decay_steps or total_steps
+  warmup = min(o.warmup_steps, decay_steps)
+  if o.schedule == 'constant':
+    after = optax.constant_schedule(o.lr)
+  elif o.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(o.lr, max(decay_steps - warmup, 1), alpha=o.min_lr / o.lr)
+  else:
+    after = optax.linear_schedule(o.lr, o.min_lr, max(decay_steps - warmup, 1))
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+  """True where weight decay applies: every leaf not named bias or scale."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
+
+
+def make(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  lr = schedule(o, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+  )
+  return tx, lr
