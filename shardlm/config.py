@@ -104,7 +104,7 @@ def _parse_value(key: str, raw: str, current):
   if isinstance(current, (tuple, list)):
     try:
       value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
       raise bad('a Python tuple literal, e.g. "((\'mlp\', None),)"') from None
     if not isinstance(value, (tuple, list)):
       raise bad('a tuple')
@@ -190,7 +190,7 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
 def padded_vocab(cfg, model_axis: int) -> int:
   """Vocabulary padded to a multiple of vocab_multiple x model-axis size (Megatron's rule)."""
   m = cfg.model.vocab_multiple * model_axis
-  return -(-cfg.model.vocab_size // m) * m
+  return -(-cfg.model.vocab_size // m) * m if m else cfg.model.vocab_size
 
 
 def validate(cfg, num_devices: int) -> tuple[int, int, int]:
@@ -219,6 +219,15 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
                        ('param_dtype', ('float32', 'bfloat16'))):
     if m[key] not in allowed:
       raise ConfigError(f"model.{key}='{m[key]}' is not one of {', '.join(allowed)}")
+  positive = {'data.batch_size': cfg.data.batch_size, 'log.every': cfg.log.every,
+              'train.eval_batches': cfg.train.eval_batches, 'train.steps': cfg.train.steps}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f'{key}={value} must be a positive integer')
+  if cfg.train.eval_every < 0:
+    raise ConfigError(f'train.eval_every={cfg.train.eval_every} must be >= 0 (0: only at the start and end)')
+  if not 0 < cfg.data.val_fraction < 1:
+    raise ConfigError(f'data.val_fraction={cfg.data.val_fraction} must lie strictly between 0 and 1')
   batch_shards = data * fsdp
   if cfg.data.batch_size % batch_shards:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
@@ -228,8 +237,6 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"optimizer.schedule='{o.schedule}' is not one of cosine, linear, constant")
   if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
     raise ConfigError(f'optimizer.lr={o.lr}, optimizer.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0')
-  if cfg.train.steps <= 0:
-    raise ConfigError(f'train.steps={cfg.train.steps} must be positive')
   if cfg.checkpoint.every:
     raise ConfigError('checkpoint.every is set, but checkpointing is not implemented yet '
                       '(it lands with the checkpoint issue); leave checkpoint.every=0')

@@ -41,13 +41,31 @@ def rules_from_config(cfg) -> tuple:
     if name not in LOGICAL_NAMES:
       raise ConfigError(f"sharding.rules names unknown logical axis '{name}'; "
                         f"valid: {', '.join(LOGICAL_NAMES)}")
-    flat = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
+    flat = (axes,) if isinstance(axes, str) or axes is None else axes
+    if not isinstance(flat, (tuple, list)):
+      raise ConfigError(f"sharding.rules maps '{name}' to {axes!r}; expected a mesh axis name, "
+                        f"a tuple of them, or None (mesh axes: {', '.join(MESH_AXES)})")
     for a in flat:
       if a is not None and a not in MESH_AXES:
         raise ConfigError(f"sharding.rules maps '{name}' to unknown mesh axis '{a}'; "
                           f"valid: {', '.join(MESH_AXES)} or None")
     rules.append((name, axes if isinstance(axes, str) or axes is None else tuple(axes)))
   return tuple(rules) + tuple(PRESETS[preset])
+
+
+def check_divisible(abstract_tree, shardings, what: str) -> None:
+  """Every sharded dimension must split evenly over its mesh axes; say which does not."""
+  for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                              jax.tree.leaves(shardings)):
+    for dim, axes in zip(leaf.shape, sh.spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = 1
+      for a in names:
+        size *= sh.mesh.shape[a]
+      if dim % size:
+        raise ConfigError(f'{what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be '
+                          f'split {size} ways over mesh axes {names}: {dim} is not divisible by '
+                          f'{size}; change the model size, the mesh, or sharding.rules')
 
 
 def make_mesh(shape: tuple[int, int, int], devices=None) -> jax.sharding.Mesh:

@@ -45,10 +45,11 @@ def setup(cfg, devices=None) -> Setup:
   tx, schedule = optim.make(cfg.optimizer, cfg.train.steps)
   abstract_model = nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   param_shardings = sharding.logical_to_sharding(logical, mesh, rules)
+  sharding.check_divisible(nnx.to_pure_dict(abstract_params), param_shardings, 'parameter')
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params.to_pure_dict())
+  abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated,
@@ -58,7 +59,7 @@ def setup(cfg, devices=None) -> Setup:
 
   # Initialization: jitted with out_shardings, so every array is born in its shard.
   def init():
-    params = nnx.state(GPT(mc, rngs=nnx.Rngs(cfg.train.seed)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(GPT(mc, rngs=nnx.Rngs(cfg.train.seed)), nnx.Param))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   def loss_fn(params, tokens_bt):
@@ -72,7 +73,7 @@ def setup(cfg, devices=None) -> Setup:
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step'])}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step'])}
     return new_state, metrics
 
   return Setup(
@@ -129,20 +130,22 @@ def train(cfg) -> dict:
   """Runs the whole job; returns the final metrics."""
   s = setup(cfg)
   m, B, T = s.model_config, cfg.data.batch_size, cfg.model.seq_len
+
+  # Data: token streams for train and validation, batches indexed by step. Read before the
+  # run directory exists, so that a bad data setting leaves nothing behind.
+  tok = tokenizer_lib.get_tokenizer(cfg.data.tokenizer)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer '
+                      f'{tok.name}\'s {tok.vocab_size} ids; set model.vocab_size >= {tok.vocab_size}')
+  splits = {split: loader.Batches(loader.load_corpus(cfg.data.corpus, tok, split, cfg.data.val_fraction),
+                                  T, B, cfg.data.seed + i)
+            for i, split in enumerate(('train', 'validation'))}
+  train_data, val_data = splits['train'], splits['validation']
+
   run_dir = Path(cfg.train.run_dir or f'runs/{cfg.name}')
   log = Logger(run_dir, cfg)
   log.print(f'shardlm: config {cfg.name}; {jax.device_count()} {jax.devices()[0].platform} '
             f'device(s), {jax.process_count()} process(es); {sharding.describe(s.mesh, s.rules)}')
-
-  # Data: token streams for train and validation, batches indexed by step.
-  tok = tokenizer_lib.get_tokenizer(cfg.data.tokenizer)
-  if tok.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f'tokenizer {tok.name} has {tok.vocab_size} ids but model.vocab_size is '
-                      f'{cfg.model.vocab_size}')
-  train_data = loader.Batches(loader.load_corpus(cfg.data.corpus, tok, 'train', cfg.data.val_fraction),
-                              T, B, cfg.data.seed)
-  val_data = loader.Batches(loader.load_corpus(cfg.data.corpus, tok, 'validation', cfg.data.val_fraction),
-                            T, B, cfg.data.seed + 1)
   log.print(f'data: {cfg.data.corpus}, {len(train_data.tokens):,} train / {len(val_data.tokens):,} '
             f'validation tokens; global batch {B} x {T}')
 

@@ -1,6 +1,8 @@
 """The byte tokenizer: ids 0-255 are bytes, 256 ends a document. Needs no files."""
 import numpy as np
 
+from shardlm.config import ConfigError
+
 
 class ByteTokenizer:
   vocab_size = 257
@@ -19,4 +21,4 @@ class ByteTokenizer:
 def get_tokenizer(name: str):
   if name == 'byte':
     return ByteTokenizer()
-  raise ValueError(f"tokenizer '{name}' is not available; use 'byte'")
+  raise ConfigError(f"data.tokenizer='{name}' is not available; valid: byte")

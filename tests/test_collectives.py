@@ -1,0 +1,120 @@
+"""Compiler checks: the collectives XLA emits for each preset match Megatron's and ZeRO-3's counts."""
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from shardlm import config, hlo, train
+
+# D=160 and T=64 differ from every vocabulary size (384, 512, 128), so shapes are unambiguous.
+B, T, D, L = 32, 64, 160, 2
+
+
+def lowered_step(preset, mesh, rules=(), remat='none'):
+  cfg = config.load('tiny')
+  for key, value in dict(model__hidden=D, model__seq_len=T, model__num_layers=L, model__remat=remat,
+                         data__batch_size=B, sharding__preset=preset, sharding__rules=repr(rules),
+                         **{f'mesh__{k}': v for k, v in mesh.items()}).items():
+    config.override(cfg, key.replace('__', '.'), str(value))
+  s = train.setup(cfg)
+  return s, s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct((B, T + 1), jnp.int32))
+
+
+def megatron_violations(module, s, remat):
+  """Everything in the compiled step that departs from Megatron's communication pattern."""
+  data, model = s.mesh.shape['data'], s.mesh.shape['model']
+  vocab = s.model_config.padded_vocab
+  act = ('f32', (B // data, T, D))
+  problems = []
+
+  def is_act_allreduce(i):
+    return i.op.startswith('all-reduce') and i.shapes == [act] and i.group_size == model
+
+  loops = [b for b in module.while_bodies if module.collectives(computation=b)]
+  if len(loops) != 2:
+    problems.append(f'expected a forward and a backward layer loop with collectives, found {loops}')
+  for body in loops:
+    ops = module.collectives(computation=body)
+    backward = any('transpose(' in i.line for i in ops)
+    n = sum(map(is_act_allreduce, ops))
+    allowed = range(2, 5) if backward and remat == 'full' else (2,)
+    if n not in allowed:
+      problems.append(f"{'backward' if backward else 'forward'} layer: {n} all-reduces of "
+                      f'{act} over the model axis, expected {list(allowed)}')
+    for i in ops:
+      if not is_act_allreduce(i) and not (i.op.startswith('all-reduce') and i.group_size == data):
+        problems.append(f'unexpected collective in a layer: {i.op} {i.shapes} group {i.group_size}')
+  for i in module.collectives():
+    if i.op.startswith('all-gather'):
+      problems.append(f'all-gather {i.shapes}: Megatron tensor parallelism never gathers')
+    for _, dims in i.shapes:
+      if T in dims and (vocab in dims or vocab // model in dims):
+        problems.append(f'{i.op} carries logits {dims}')
+  return problems
+
+
+MEGATRON_MESH = dict(data=2, fsdp=1, model=4)
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_megatron_communication(remat):
+  s, lowered = lowered_step('megatron', MEGATRON_MESH, remat=remat)
+  module = hlo.parse(lowered.compile().as_text())
+  assert megatron_violations(module, s, remat) == []
+
+
+@pytest.mark.parametrize('wrong_rule', [
+    ('act_mlp', None),    # MLP hidden replicated: the layer must gather it
+    ('act_vocab', None),  # logits replicated: the partitioner gathers the vocabulary
+    ('heads', None),      # attention weights replicated: gathered from their shards
+])
+def test_megatron_check_catches_a_broken_rule(wrong_rule):
+  s, lowered = lowered_step('megatron', MEGATRON_MESH, rules=(wrong_rule,))
+  assert megatron_violations(hlo.parse(lowered.compile().as_text()), s, 'none') != []
+
+
+def _uses_only_slices(module, name, depth=0):
+  """True if every path from `name` ends in a dynamic-slice (shape-only ops in between)."""
+  users = module.users(name)
+  if not users or depth > 4:
+    return False
+  return all(u.op == 'dynamic-slice' or (u.op in ('reshape', 'bitcast', 'copy', 'transpose')
+                                         and _uses_only_slices(module, u.name, depth + 1))
+             for u in users)
+
+
+def test_fsdp_gathers_parameters_and_scatters_gradients():
+  s, lowered = lowered_step('fsdp', dict(data=1, fsdp=8, model=1))
+  fsdp = s.mesh.shape['fsdp']
+  params = jax.eval_shape(s.init)['params']
+  # Sizes of every parameter that FSDP shards (one layer's slice for the stacked layers).
+  sizes = set()
+  for (path, p), sh in zip(jax.tree_util.tree_leaves_with_path(params),
+                           jax.tree.leaves(s.state_shardings['params'])):
+    if 'fsdp' in str(sh.spec):
+      stacked = path[0].key == 'h'
+      sizes.add(math.prod(p.shape[1:] if stacked else p.shape))
+  smallest_matrix = min(sz for sz in sizes if sz > D)
+
+  module = hlo.parse(hlo.partitioned_text(lowered))
+  gathered = {math.prod(i.shapes[0][1]) for i in module.collectives('all-gather')}
+  assert sizes <= gathered, f'parameters never all-gathered: sizes {sorted(sizes - gathered)}'
+
+  grads = [i for i in module.collectives('all-reduce')
+           if i.shapes and math.prod(i.shapes[0][1]) >= smallest_matrix and i.group_size == fsdp]
+  assert grads, 'no gradient reduction found'
+  # XLA:CPU has no reduce-scatter creator pass, so a reduce-scatter appears as an all-reduce
+  # whose only use is the slice each device keeps (GPU/TPU pipelines fuse the two).
+  whole = [(i.shapes, [u.op for u in module.users(i.name)]) for i in grads
+           if not _uses_only_slices(module, i.name)]
+  assert whole == [], f'gradients all-reduced and used whole: {whole}'
+
+
+def test_fsdp_check_catches_replicated_gradients():
+  """With embed unsharded (dp rules on an fsdp mesh) gradients are all-reduced and kept whole."""
+  _, lowered = lowered_step('fsdp', dict(data=1, fsdp=8, model=1), rules=(('embed', None),))
+  module = hlo.parse(hlo.partitioned_text(lowered))
+  big = [i for i in module.collectives('all-reduce')
+         if i.shapes and math.prod(i.shapes[0][1]) >= D * D]
+  assert big and not all(_uses_only_slices(module, i.name) for i in big)

@@ -1,0 +1,32 @@
+"""The README's first command: `python -m shardlm.train` trains the tiny config on the stdlib."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.slow
+def test_default_run_learns_within_five_minutes(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user has
+  run_dir = tmp_path / 'run'
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, '-m', 'shardlm.train', f'--config.train.run_dir={run_dir}'],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  elapsed = time.monotonic() - start
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert elapsed < 300, f'default run took {elapsed:.0f}s'
+
+  records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  val = [r['val_loss'] for r in records if 'val_loss' in r]
+  assert val[0] > 5.0  # bytes at initialisation: close to ln 257
+  assert val[-1] <= 0.6 * val[0], f'validation loss {val[0]:.3f} -> {val[-1]:.3f}'
+  train = [r for r in records if 'loss' in r]
+  assert train[-1]['tokens_per_s'] > 0 and 0 < train[-1]['mfu'] < 1
+
+  out = proc.stdout
+  assert f'run directory: {run_dir}' in out
+  assert str(run_dir / 'metrics.jsonl') in out and 'tensorboard --logdir' in out
+  assert any(f.name.startswith('events.out.tfevents') for f in (run_dir / 'tensorboard').iterdir())
