@@ -120,7 +120,8 @@ def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     is_last = i == len(parts) - 1
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       valid = list(_all_keys(cfg))
-      hint = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+      hint = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+      hint += [k for k in valid if k.rsplit('.', 1)[-1] == parts[-1] and k not in hint]
       raise ConfigError(f"unknown config key '{key}'"
                         + (f"; did you mean: {', '.join(hint)}?" if hint else '')
                         + f" (see `python -m shardlm.train --config {cfg.get('name', 'NAME')} --show`"
