@@ -19,7 +19,9 @@ def defaults() -> ml_collections.ConfigDict:
                  seq_len=1024, vocab_size=50257,
                  vocab_multiple=128,  # padded to a multiple of this x mesh.model (0: no padding)
                  init_std=0.02, ln_eps=1e-5, dtype='float32', param_dtype='float32',
-                 remat='none', attention='dense'),
+                 remat='none',
+                 attention='dense',  # dense | local (sliding window) | alternating (dense, local, ...)
+                 window=256),
       mesh=dict(data=-1, fsdp=1, model=1),
       sharding=dict(preset='megatron_fsdp', rules=()),
       data=dict(corpus='stdlib', tokenizer='byte', batch_size=8, seed=0, val_fraction=0.02),
@@ -215,7 +217,10 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if m.vocab_multiple == 0 and m.vocab_size % model:
     raise ConfigError(f'model.vocab_size={m.vocab_size} is not divisible by mesh.model={model} and '
                       'vocabulary padding is off (model.vocab_multiple=0); set model.vocab_multiple=128')
-  for key, allowed in (('remat', ('none', 'full', 'selective')), ('attention', ('dense',)),
+  if m.attention != 'dense' and m.window <= 0:
+    raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
+  for key, allowed in (('remat', ('none', 'full', 'selective')),
+                       ('attention', ('dense', 'local', 'alternating')),
                        ('dtype', ('float32', 'bfloat16', 'float16')),
                        ('param_dtype', ('float32', 'bfloat16'))):
     if m[key] not in allowed:

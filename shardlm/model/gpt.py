@@ -31,7 +31,8 @@ class GPTConfig:
   init_std: float = 0.02
   ln_eps: float = 1e-5
   remat: str = 'none'
-  attention: str = 'dense'
+  attention: str = 'dense'  # dense | local | alternating (even layers dense, odd local)
+  window: int = 256
   causal: bool = True
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -42,7 +43,7 @@ class GPTConfig:
     return cls(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim or 4 * m.hidden, seq_len=m.seq_len, vocab_size=m.vocab_size,
                padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
-               attention=m.attention, dtype=m.dtype, param_dtype=m.param_dtype)
+               attention=m.attention, window=m.window, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 class Block(nnx.Module):
@@ -53,14 +54,14 @@ class Block(nnx.Module):
     out_std = c.init_std / math.sqrt(2 * c.num_layers)  # residual projections, GPT-2 style
     self.ln_1 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.attn = SelfAttention(c.hidden, c.num_heads, std=c.init_std, out_std=out_std,
-                              causal=c.causal, kind=c.attention, dtype=dtype,
+                              causal=c.causal, kind=c.attention, window=c.window, dtype=dtype,
                               param_dtype=pdtype, rngs=rngs)
     self.ln_2 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.mlp = MLP(c.hidden, c.mlp_dim, std=c.init_std, out_std=out_std, dtype=dtype,
                    param_dtype=pdtype, rngs=rngs)
 
-  def __call__(self, x_btd):
-    x_btd = x_btd + self.attn(self.ln_1(x_btd))
+  def __call__(self, x_btd, local=None):
+    x_btd = x_btd + self.attn(self.ln_1(x_btd), local)
     x_btd = x_btd + self.mlp(self.ln_2(x_btd))
     return constrain(x_btd, RESIDUAL)
 
@@ -92,14 +93,16 @@ class GPT(nnx.Module):
 
     graphdef, layer_params = nnx.split(self.h)
 
-    def layer(x_btd, params):
-      return nnx.merge(graphdef, params)(x_btd), None
+    def layer(x_btd, xs):
+      params, local = xs
+      return nnx.merge(graphdef, params)(x_btd, local), None
 
     saved = _SAVED[c.remat]
     if saved is not None:
       policy = jax.checkpoint_policies.save_only_these_names(*saved)
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    x_btd, _ = jax.lax.scan(layer, x_btd, layer_params)
+    local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
+    x_btd, _ = jax.lax.scan(layer, x_btd, (layer_params, local))
 
     logits_btv = self.wte.attend(self.ln_f(x_btd))
     return logits_btv.astype(jnp.float32)

@@ -78,7 +78,8 @@ class MLP(nnx.Module):
 class SelfAttention(nnx.Module):
   """Fused Q/K/V [D, 3, N, H] and output [N, H, D] projections, split over heads."""
 
-  def __init__(self, hidden, num_heads, *, std, out_std, causal, kind, dtype, param_dtype, rngs):
+  def __init__(self, hidden, num_heads, *, std, out_std, causal, kind, window, dtype, param_dtype,
+               rngs):
     head_dim = hidden // num_heads
     # [D, 3, N, H] is GPT-2's c_attn [D, 3D] reshaped, so weights map one to one.
     self.qkv = nnx.Dict(
@@ -89,14 +90,20 @@ class SelfAttention(nnx.Module):
         kernel=_param(rngs, (num_heads, head_dim, hidden), out_std, ('heads', 'kv', 'embed'),
                       param_dtype),
         bias=_zeros((hidden,), ('embed',), param_dtype))
-    self.causal, self.kind, self.dtype = causal, kind, dtype
+    self.causal, self.kind, self.window, self.dtype = causal, kind, window, dtype
 
-  def __call__(self, x_btd):
+  def __call__(self, x_btd, local=None):
+    """`local` (a traced bool) picks the kernel per layer when kind is 'alternating'."""
     qkv = jnp.einsum('BTD,DCNH->CBTNH', x_btd, self.qkv['kernel'][...].astype(self.dtype))
     qkv = qkv + self.qkv['bias'][...].astype(self.dtype)[:, None, None]
     qkv = constrain(checkpoint_name(qkv, 'qkv'), (None, 'batch', 'length', 'act_heads', None))
     q_btnh, k_btnh, v_btnh = qkv[0], qkv[1], qkv[2]
-    o_btnh = attend(q_btnh, k_btnh, v_btnh, kind=self.kind, causal=self.causal)
+    core = lambda kind: lambda q, k, v: attend(q, k, v, kind=kind, causal=self.causal,
+                                               window=self.window)
+    if self.kind == 'alternating':
+      o_btnh = jax.lax.cond(local, core('local'), core('dense'), q_btnh, k_btnh, v_btnh)
+    else:
+      o_btnh = core(self.kind)(q_btnh, k_btnh, v_btnh)
     o_btnh = checkpoint_name(o_btnh, 'attn_core')
     y_btd = jnp.einsum('BTNH,NHD->BTD', o_btnh, self.out['kernel'][...].astype(self.dtype))
     y_btd = y_btd + self.out['bias'][...].astype(self.dtype)
