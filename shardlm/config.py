@@ -21,14 +21,35 @@ def defaults() -> ml_collections.ConfigDict:
                  init_std=0.02, ln_eps=1e-5, dtype='float32', param_dtype='float32',
                  remat='none',
                  attention='dense',  # dense | local (sliding window) | alternating (dense, local, ...)
-                 window=256),
+                 window=256,
+                 # lax.scan over the layer stack: compile time flat in depth. False unrolls the
+                 # layers, which is faster on CPU for small models (no stacked residual buffers).
+                 scan_layers=True,
+                 post_ln=False),  # BERT only: LayerNorm after each residual add (original BERT)
       mesh=dict(data=-1, fsdp=1, model=1),
       sharding=dict(preset='megatron_fsdp', rules=()),
-      data=dict(corpus='stdlib', tokenizer='byte', batch_size=8, seed=0, val_fraction=0.02),
+      data=dict(corpus='stdlib',  # built-in corpus, used while paths is empty
+                paths=(),          # preprocessed dataset prefixes (`python -m shardlm.data.preprocess`)
+                weights=(),        # blending weights, one per path (default: by size)
+                split='969,30,1',  # train,validation,test shares of each dataset's documents
+                tokenizer='byte', batch_size=8, seed=0,
+                prefetch=2,        # batches built ahead in a background thread
+                mlm_prob=0.15,     # BERT: share of tokens masked (80% [MASK], 10% random, 10% kept)
+                whole_word=False), # BERT: mask whole words (WordPiece ## pieces; bytes: whitespace)
       optimizer=dict(lr=1.5e-4, min_lr=1e-5, warmup_steps=2000, schedule='cosine', decay_steps=0,
-                     b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0),
-      train=dict(steps=1000, seed=0, eval_every=1000, eval_batches=8, run_dir=''),
-      checkpoint=dict(every=0, keep=3, keep_every=0),
+                     b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+                     grad_accum_steps=1,  # micro-batches per step: batch = micro x accum x data-parallel
+                     # float16 only: 0 = dynamic loss scaling (Megatron's), > 0 = this fixed scale
+                     loss_scale=0.0, initial_loss_scale=2.0**16, min_loss_scale=1.0,
+                     loss_scale_window=1000, hysteresis=2),
+      train=dict(steps=1000, seed=0, eval_every=1000, eval_batches=8, run_dir='',
+                 resume='auto',   # auto: latest good checkpoint in checkpoint.dir; none; or a path
+                 init_from=''),   # parameters to start from (a checkpoint, e.g. from shardlm.convert)
+      checkpoint=dict(dir='',          # default RUN_DIR/checkpoints
+                      every=1000,      # save every this many steps, and always at the end
+                      keep=3,          # the newest N are kept...
+                      keep_every=0,    # ...and every step that is a multiple of this (0: none)
+                      asynchronous=True),  # write in the background while training goes on
       log=dict(every=10, tensorboard=True, progress=True),
   ))
 
@@ -219,7 +240,15 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
                       'vocabulary padding is off (model.vocab_multiple=0); set model.vocab_multiple=128')
   if m.attention != 'dense' and m.window <= 0:
     raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
-  for key, allowed in (('remat', ('none', 'full', 'selective')),
+  if m.post_ln and m.kind != 'bert':
+    raise ConfigError("model.post_ln=True is for BERT (model.kind='bert'); GPT is pre-LN")
+  if m.kind == 'bert' and m.seq_len < 8:
+    raise ConfigError(f'model.seq_len={m.seq_len}: a BERT row needs at least 8 positions '
+                      '([CLS] A [SEP] B [SEP])')
+  if not 0 < cfg.data.mlm_prob < 1:
+    raise ConfigError(f'data.mlm_prob={cfg.data.mlm_prob} must be between 0 and 1 (BERT: 0.15)')
+  for key, allowed in (('kind', ('gpt', 'bert')),
+                       ('remat', ('none', 'full', 'selective')),
                        ('attention', ('dense', 'local', 'alternating')),
                        ('dtype', ('float32', 'bfloat16', 'float16')),
                        ('param_dtype', ('float32', 'bfloat16'))):
@@ -232,20 +261,36 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
       raise ConfigError(f'{key}={value} must be a positive integer')
   if cfg.train.eval_every < 0:
     raise ConfigError(f'train.eval_every={cfg.train.eval_every} must be >= 0 (0: only at the start and end)')
-  if not 0 < cfg.data.val_fraction < 1:
-    raise ConfigError(f'data.val_fraction={cfg.data.val_fraction} must lie strictly between 0 and 1')
+  from shardlm.data import loader  # late: imports jax
+  loader.check_config(cfg.data)
   batch_shards = data * fsdp
   if cfg.data.batch_size % batch_shards:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
                       f'mesh.data x mesh.fsdp = {batch_shards}')
   o = cfg.optimizer
+  if o.grad_accum_steps < 1 or cfg.data.batch_size % (o.grad_accum_steps * batch_shards):
+    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
+                      f'optimizer.grad_accum_steps={o.grad_accum_steps} x mesh.data x mesh.fsdp '
+                      f'= {o.grad_accum_steps * batch_shards}: each micro-batch spans every '
+                      'data-parallel device')
+  if o.loss_scale < 0 or o.min_loss_scale <= 0 or o.loss_scale_window < 1 or o.hysteresis < 1:
+    raise ConfigError('optimizer.loss_scale >= 0, min_loss_scale > 0, loss_scale_window >= 1 and '
+                      'hysteresis >= 1 are required')
   if o.schedule not in ('cosine', 'linear', 'constant'):
     raise ConfigError(f"optimizer.schedule='{o.schedule}' is not one of cosine, linear, constant")
   if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
     raise ConfigError(f'optimizer.lr={o.lr}, optimizer.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0')
-  if cfg.checkpoint.every:
-    raise ConfigError('checkpoint.every is set, but checkpointing is not implemented yet '
-                      '(it lands with the checkpoint issue); leave checkpoint.every=0')
+  c = cfg.checkpoint
+  if c.every < 0 or c.keep_every < 0 or c.keep < 1:
+    raise ConfigError(f'checkpoint.every={c.every}, checkpoint.keep={c.keep}, checkpoint.keep_every='
+                      f'{c.keep_every}: need every >= 0 (0: only at the end), keep >= 1, keep_every >= 0')
+  resume = cfg.train.resume
+  if resume not in ('auto', 'none') and not Path(resume).is_dir():
+    raise ConfigError(f"train.resume='{resume}' is not a directory; give a checkpoint "
+                      "(RUN_DIR/checkpoints/STEP) or a directory of them, 'auto' or 'none'")
+  if cfg.train.init_from and not Path(cfg.train.init_from).is_dir():
+    raise ConfigError(f"train.init_from='{cfg.train.init_from}' is not a directory; give a "
+                      'checkpoint (RUN_DIR/checkpoints/STEP, an export-params or convert output)')
   from shardlm import sharding  # late: sharding imports jax
   sharding.rules_from_config(cfg)  # raises ConfigError on a bad preset or rule
   return shape

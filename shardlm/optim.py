@@ -1,5 +1,6 @@
 """The optax chain: clip by global norm, AdamW with Megatron's decay mask, warmup + decay schedule."""
 import jax
+import jax.numpy as jnp
 import optax
 
 # Megatron-LM decays weight matrices and embeddings but not biases or LayerNorm parameters.
@@ -34,3 +35,32 @@ def make(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Sched
       optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
   )
   return tx, lr
+
+
+# Dynamic loss scaling for float16 compute, as Megatron-LM's DynamicGradScaler: the loss is
+# multiplied by `scale` before differentiation so small gradients survive float16; a step
+# whose gradients overflow is skipped, and once `hysteresis` such steps have come since the
+# scale last grew, each one halves it; after `loss_scale_window` clean steps in a row it doubles
+# (and the hysteresis count starts again).
+
+def loss_scale_init(o) -> dict:
+  scale = o.loss_scale or o.initial_loss_scale
+  return {'scale': jnp.float32(scale), 'good_steps': jnp.int32(0),
+          'hysteresis': jnp.int32(o.hysteresis)}
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def loss_scale_update(ls: dict, finite, o) -> dict:
+  if o.loss_scale:  # a fixed scale never moves
+    return ls
+  good = jnp.where(finite, ls['good_steps'] + 1, 0)
+  grow = good >= o.loss_scale_window
+  hysteresis = jnp.where(finite, jnp.where(grow, o.hysteresis, ls['hysteresis']),
+                         ls['hysteresis'] - 1)
+  shrink = ~finite & (hysteresis <= 0)
+  scale = jnp.where(grow, ls['scale'] * 2,
+                    jnp.where(shrink, jnp.maximum(ls['scale'] / 2, o.min_loss_scale), ls['scale']))
+  return {'scale': scale, 'good_steps': jnp.where(grow, 0, good), 'hysteresis': hysteresis}

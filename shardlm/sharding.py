@@ -4,7 +4,7 @@ import contextvars
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
 
 from shardlm.config import ConfigError
 

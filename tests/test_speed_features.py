@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardlm import config, train
+from shardlm import train
 from shardlm.data import loader
 from shardlm.model.attention import local_attention
 

@@ -9,31 +9,37 @@ log = logging.getLogger(__name__)
 KINDS = ('dense', 'local')
 
 
-def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0):
+def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0, mask=None):
   """Scaled dot-product attention over [B, T, N, H] queries, keys and values.
 
   `dense` attends to every earlier position (or every position, if not causal);
   `local` attends to the W = `window` most recent positions, itself included.
+  `mask` (dense only), broadcastable to [B, N, T, T], True where attention is allowed.
   """
+  if q_btnh.dtype == jnp.float16 and jax.default_backend() == 'cpu':
+    # XLA:CPU has no float16 matmul accumulating in float32, which the float32 softmax needs.
+    out = attend(*(x.astype(jnp.float32) for x in (q_btnh, k_btnh, v_btnh)), kind=kind,
+                 causal=causal, window=window, mask=mask)
+    return out.astype(jnp.float16)
   if kind == 'dense':
-    return _dense(q_btnh, k_btnh, v_btnh, causal)
+    return _dense(q_btnh, k_btnh, v_btnh, causal, mask)
   if kind == 'local':
-    if not causal:
-      raise ValueError("attention kind 'local' is causal only")
+    if not causal or mask is not None:
+      raise ValueError("attention kind 'local' is causal only, without a mask")
     return local_attention(q_btnh, k_btnh, v_btnh, window)
   raise ValueError(f"attention kind '{kind}' is not one of {', '.join(KINDS)}")
 
 
-def _dense(q_btnh, k_btnh, v_btnh, causal):
+def _dense(q_btnh, k_btnh, v_btnh, causal, mask):
   """cuDNN flash attention on NVIDIA GPUs when it accepts the shapes and dtype, else XLA's."""
   if jax.default_backend() == 'gpu':
     try:
-      return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=causal,
+      return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask, is_causal=causal,
                                           implementation='cudnn')
     except Exception as e:  # jax checks cuDNN's constraints while tracing
       _warn_once(f'cuDNN flash attention unavailable for {q_btnh.dtype} {q_btnh.shape}: '
                  f'{str(e).splitlines()[0]}; using XLA attention')
-  return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=causal)
+  return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask, is_causal=causal)
 
 
 @functools.cache

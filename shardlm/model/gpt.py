@@ -1,123 +1,83 @@
 """GPT (Megatron-LM / GPT-2): learned positions, pre-LayerNorm blocks scanned over layers, tied head."""
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shardlm.model.layers import MLP, RESIDUAL, Embed, LayerNorm, SelfAttention
+from shardlm.model.layers import RESIDUAL, Embed, LayerNorm
+from shardlm.model.transformer import Stack, TransformerConfig
 from shardlm.sharding import constrain
 
-# What each remat policy keeps from the forward pass; everything else is recomputed.
-# `selective` recomputes only the attention core (scores, softmax, attention over values),
-# as Korthikanti et al. 2022 do; `full` keeps only the residual stream between layers.
-_SAVED = {
-    'none': None,
-    'selective': ('qkv', 'attn_out', 'mlp_in', 'mlp_out'),
-    'full': (),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-  num_layers: int
-  hidden: int
-  num_heads: int
-  mlp_dim: int
-  seq_len: int
-  vocab_size: int
-  padded_vocab: int
-  init_std: float = 0.02
-  ln_eps: float = 1e-5
-  remat: str = 'none'
-  attention: str = 'dense'  # dense | local | alternating (even layers dense, odd local)
-  window: int = 256
-  causal: bool = True
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-
-  @classmethod
-  def from_config(cls, model_cfg, padded_vocab: int) -> 'GPTConfig':
-    m = model_cfg
-    return cls(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-               mlp_dim=m.mlp_dim or 4 * m.hidden, seq_len=m.seq_len, vocab_size=m.vocab_size,
-               padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
-               attention=m.attention, window=m.window, dtype=m.dtype, param_dtype=m.param_dtype)
-
-
-class Block(nnx.Module):
-  """x + attn(ln_1(x)), then + mlp(ln_2(x)): pre-LayerNorm, as Megatron-LM and GPT-2."""
-
-  def __init__(self, c: GPTConfig, *, rngs):
-    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    out_std = c.init_std / math.sqrt(2 * c.num_layers)  # residual projections, GPT-2 style
-    self.ln_1 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
-    self.attn = SelfAttention(c.hidden, c.num_heads, std=c.init_std, out_std=out_std,
-                              causal=c.causal, kind=c.attention, window=c.window, dtype=dtype,
-                              param_dtype=pdtype, rngs=rngs)
-    self.ln_2 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
-    self.mlp = MLP(c.hidden, c.mlp_dim, std=c.init_std, out_std=out_std, dtype=dtype,
-                   param_dtype=pdtype, rngs=rngs)
-
-  def __call__(self, x_btd, local=None):
-    x_btd = x_btd + self.attn(self.ln_1(x_btd), local)
-    x_btd = x_btd + self.mlp(self.ln_2(x_btd))
-    return constrain(x_btd, RESIDUAL)
+GPTConfig = TransformerConfig
+BATCH_AXES = ('batch', None)  # tokens [B, T+1]: inputs and, shifted by one, targets
 
 
 class GPT(nnx.Module):
   """Causal LM. Call on token ids [B, T]; returns float32 logits [B, T, V_padded]."""
 
-  def __init__(self, c: GPTConfig, *, rngs):
+  def __init__(self, c: TransformerConfig, *, rngs):
     self.config = c
     pdtype = jnp.dtype(c.param_dtype)
     self.wte = Embed(c.vocab_size, c.padded_vocab, c.hidden, std=c.init_std,
                      dtype=jnp.dtype(c.dtype), param_dtype=pdtype, rngs=rngs)
     self.wpe = nnx.Param(jax.random.normal(rngs.params(), (c.seq_len, c.hidden), pdtype) * c.init_std,
                          out_sharding=(None, 'embed'))
-
-    @nnx.split_rngs(splits=c.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    def make_blocks(rngs):
-      return Block(c, rngs=rngs)
-
-    self.h = make_blocks(rngs)  # one Block whose parameters have a leading L axis
+    self.h = Stack(c, rngs=rngs)
     self.ln_f = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
 
-  def __call__(self, ids_bt):
-    c = self.config
+  def __call__(self, ids_bt, cache=None, decode=None):
+    """Training and scoring: `model(ids)`. Decoding: `model(ids, cache, decode)` with a key/value
+    cache from `init_cache` and decode = {'pos': first cache position of `ids`, 'start': [B]
+    position where each row's text begins}; returns (logits, updated cache)."""
     T = ids_bt.shape[1]
-    x_btd = self.wte(ids_bt) + self.wpe[...][:T].astype(c.dtype)
-    x_btd = constrain(x_btd, RESIDUAL)
+    if cache is None:
+      pos_emb = self.wpe[...][:T][None]
+    else:  # positions count from each row's start, so left padding does not shift them
+      pos_bt = jnp.maximum(decode['pos'] + jnp.arange(T)[None] - decode['start'][:, None], 0)
+      pos_emb = jnp.take(self.wpe[...], pos_bt, axis=0)
+    x_btd = constrain(self.wte(ids_bt) + pos_emb.astype(self.config.dtype), RESIDUAL)
+    out = self.h(x_btd, cache=cache, decode=decode)
+    x_btd, cache = out if cache is not None else (out, None)
+    logits_btv = self.wte.attend(self.ln_f(x_btd)).astype(jnp.float32)
+    return logits_btv if cache is None else (logits_btv, cache)
 
-    graphdef, layer_params = nnx.split(self.h)
-
-    def layer(x_btd, xs):
-      params, local = xs
-      return nnx.merge(graphdef, params)(x_btd, local), None
-
-    saved = _SAVED[c.remat]
-    if saved is not None:
-      policy = jax.checkpoint_policies.save_only_these_names(*saved)
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
-    x_btd, _ = jax.lax.scan(layer, x_btd, (layer_params, local))
-
-    logits_btv = self.wte.attend(self.ln_f(x_btd))
-    return logits_btv.astype(jnp.float32)
+  def init_cache(self, batch: int, length: int, dtype=None):
+    """Zeroed keys and values for `length` positions: {'k', 'v'}, each [L, B, S, N, H]."""
+    c = self.config
+    shape = (c.num_layers, batch, length, c.num_heads, c.hidden // c.num_heads)
+    zeros = jnp.zeros(shape, dtype or c.dtype)
+    names = ('layers', 'batch', None, 'act_heads', None)
+    return {'k': constrain(zeros, names), 'v': constrain(zeros, names)}
 
 
-def lm_loss(logits_btv, targets_bt, vocab_size):
-  """Mean next-token cross-entropy in float32, padded vocabulary entries masked out.
+def mask_padding(logits_btv, vocab_size):
+  """Padded vocabulary entries get a logit no softmax or sampling will pick."""
+  V = logits_btv.shape[-1]
+  if V == vocab_size:
+    return logits_btv
+  return jnp.where(jnp.arange(V) < vocab_size, logits_btv, -1e9)
+
+
+def token_nll(logits_btv, targets_bt, vocab_size):
+  """Per-token next-token cross-entropy [B, T] in float32, padded vocabulary masked out.
 
   The target logit is picked with a one-hot product rather than a gather, so that
   logits sharded on V are reduced in place and never gathered whole.
   """
-  V = logits_btv.shape[-1]
-  logits_btv = logits_btv.astype(jnp.float32)
-  if V > vocab_size:
-    logits_btv = jnp.where(jnp.arange(V) < vocab_size, logits_btv, -1e9)
+  logits_btv = mask_padding(logits_btv.astype(jnp.float32), vocab_size)
   logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-  target_bt = jnp.sum(logits_btv * jax.nn.one_hot(targets_bt, V, dtype=logits_btv.dtype), axis=-1)
-  return jnp.mean(logz_bt - target_bt)
+  one_hot = jax.nn.one_hot(targets_bt, logits_btv.shape[-1], dtype=logits_btv.dtype)
+  return logz_bt - jnp.sum(logits_btv * one_hot, axis=-1)
+
+
+def lm_loss(logits_btv, targets_bt, vocab_size, weights_bt=None):
+  """Mean cross-entropy; `weights_bt` (0/1) restricts it to some positions (BERT's masks)."""
+  nll_bt = token_nll(logits_btv, targets_bt, vocab_size)
+  if weights_bt is None:
+    return jnp.mean(nll_bt)
+  return jnp.sum(nll_bt * weights_bt) / jnp.maximum(jnp.sum(weights_bt), 1)
+
+
+def objective(model: GPT, tokens_bt):
+  """(loss, extra metrics) of one batch of T+1-token samples."""
+  logits_btv = model(tokens_bt[:, :-1])
+  return lm_loss(logits_btv, tokens_bt[:, 1:], model.config.vocab_size), {}

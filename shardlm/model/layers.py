@@ -58,18 +58,18 @@ class LayerNorm(nnx.Module):
 class MLP(nnx.Module):
   """D -> F -> D with GELU; F is split over the model axis (column- then row-parallel)."""
 
-  def __init__(self, hidden, mlp_dim, *, std, out_std, dtype, param_dtype, rngs):
+  def __init__(self, hidden, mlp_dim, *, std, out_std, gelu_approximate, dtype, param_dtype, rngs):
     self.fc = nnx.Dict(kernel=_param(rngs, (hidden, mlp_dim), std, ('embed', 'mlp'), param_dtype),
                        bias=_zeros((mlp_dim,), ('mlp',), param_dtype))
     self.proj = nnx.Dict(kernel=_param(rngs, (mlp_dim, hidden), out_std, ('mlp', 'embed'), param_dtype),
                          bias=_zeros((hidden,), ('embed',), param_dtype))
-    self.dtype = dtype
+    self.dtype, self.gelu_approximate = dtype, gelu_approximate
 
   def __call__(self, x_btd):
     h_btf = jnp.einsum('BTD,DF->BTF', x_btd, self.fc['kernel'][...].astype(self.dtype))
     h_btf = h_btf + self.fc['bias'][...].astype(self.dtype)
     h_btf = constrain(checkpoint_name(h_btf, 'mlp_in'), ('batch', 'length', 'act_mlp'))
-    h_btf = jax.nn.gelu(h_btf, approximate=True)  # GPT-2's tanh form
+    h_btf = jax.nn.gelu(h_btf, approximate=self.gelu_approximate)
     y_btd = jnp.einsum('BTF,FD->BTD', h_btf, self.proj['kernel'][...].astype(self.dtype))
     y_btd = y_btd + self.proj['bias'][...].astype(self.dtype)
     return checkpoint_name(constrain(y_btd, RESIDUAL), 'mlp_out')
@@ -92,19 +92,48 @@ class SelfAttention(nnx.Module):
         bias=_zeros((hidden,), ('embed',), param_dtype))
     self.causal, self.kind, self.window, self.dtype = causal, kind, window, dtype
 
-  def __call__(self, x_btd, local=None):
-    """`local` (a traced bool) picks the kernel per layer when kind is 'alternating'."""
+  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
+    """`local` (a traced bool) picks the kernel per layer when kind is 'alternating';
+    `mask` [B, 1, 1, T] (True = attend) hides padding keys. With a `cache` ({'k', 'v'}, each
+    [B, S, N, H]) the new keys and values are written at `decode['pos']` and the queries attend
+    over the cache; returns (output, new cache) then."""
     qkv = jnp.einsum('BTD,DCNH->CBTNH', x_btd, self.qkv['kernel'][...].astype(self.dtype))
     qkv = qkv + self.qkv['bias'][...].astype(self.dtype)[:, None, None]
     qkv = constrain(checkpoint_name(qkv, 'qkv'), (None, 'batch', 'length', 'act_heads', None))
     q_btnh, k_btnh, v_btnh = qkv[0], qkv[1], qkv[2]
-    core = lambda kind: lambda q, k, v: attend(q, k, v, kind=kind, causal=self.causal,
-                                               window=self.window)
-    if self.kind == 'alternating':
-      o_btnh = jax.lax.cond(local, core('local'), core('dense'), q_btnh, k_btnh, v_btnh)
+    if cache is not None:
+      o_btnh, cache = self._attend_cached(q_btnh, k_btnh, v_btnh, local, cache, decode)
     else:
-      o_btnh = core(self.kind)(q_btnh, k_btnh, v_btnh)
+      core = lambda kind: lambda q, k, v: attend(q, k, v, kind=kind, causal=self.causal,
+                                                 window=self.window, mask=mask)
+      if self.kind == 'alternating':
+        o_btnh = jax.lax.cond(local, core('local'), core('dense'), q_btnh, k_btnh, v_btnh)
+      else:
+        o_btnh = core(self.kind)(q_btnh, k_btnh, v_btnh)
     o_btnh = checkpoint_name(o_btnh, 'attn_core')
     y_btd = jnp.einsum('BTNH,NHD->BTD', o_btnh, self.out['kernel'][...].astype(self.dtype))
     y_btd = y_btd + self.out['bias'][...].astype(self.dtype)
-    return checkpoint_name(constrain(y_btd, RESIDUAL), 'attn_out')
+    y_btd = checkpoint_name(constrain(y_btd, RESIDUAL), 'attn_out')
+    return y_btd if cache is None else (y_btd, cache)
+
+  def _attend_cached(self, q_btnh, k_btnh, v_btnh, local, cache, decode):
+    """Causal attention of T new positions over a key/value cache of S positions.
+
+    Row b's tokens start at cache position decode['start'][b] (prompts are left-padded);
+    everything before it, and every position after the query's own, is masked.
+    """
+    pos, start_b = decode['pos'], decode['start']
+    names = ('batch', None, 'act_heads', None)  # the cache stays split over heads
+    k_bsnh = constrain(jax.lax.dynamic_update_slice(cache['k'], k_btnh.astype(cache['k'].dtype),
+                                                    (0, pos, 0, 0)), names)
+    v_bsnh = constrain(jax.lax.dynamic_update_slice(cache['v'], v_btnh.astype(cache['v'].dtype),
+                                                    (0, pos, 0, 0)), names)
+    T, S = q_btnh.shape[1], k_bsnh.shape[1]
+    q_pos, k_pos = pos + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+    mask_bts = (k_pos <= q_pos)[None] & (k_pos[None] >= start_b[:, None, None])
+    if self.kind != 'dense':
+      in_window = k_pos > q_pos - self.window
+      mask_bts &= in_window if self.kind == 'local' else (in_window | ~local)
+    o_btnh = attend(q_btnh, k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype),
+                    causal=False, mask=mask_bts[:, None])
+    return o_btnh, {'k': k_bsnh, 'v': v_bsnh}

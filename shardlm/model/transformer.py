@@ -1,0 +1,130 @@
+"""The transformer stack shared by GPT and BERT: its config, one block, L blocks scanned."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shardlm.model.layers import MLP, RESIDUAL, LayerNorm, SelfAttention
+from shardlm.sharding import constrain
+
+# What each remat policy keeps from the forward pass; everything else is recomputed.
+# `selective` recomputes only the attention core (scores, softmax, attention over values),
+# as Korthikanti et al. 2022 do; `full` keeps only the residual stream between layers.
+_SAVED = {
+    'none': None,
+    'selective': ('qkv', 'attn_out', 'mlp_in', 'mlp_out'),
+    'full': (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  num_layers: int
+  hidden: int
+  num_heads: int
+  mlp_dim: int
+  seq_len: int
+  vocab_size: int
+  padded_vocab: int
+  init_std: float = 0.02
+  ln_eps: float = 1e-5
+  remat: str = 'none'
+  attention: str = 'dense'  # dense | local | alternating (even layers dense, odd local)
+  window: int = 256
+  scan_layers: bool = True
+  causal: bool = True
+  post_ln: bool = False     # LayerNorm after each residual add (original BERT) instead of before
+  gelu_approximate: bool = True  # GPT-2's tanh GELU; BERT uses the exact erf form
+  type_vocab: int = 2       # BERT's token types (segments)
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @classmethod
+  def from_config(cls, model_cfg, padded_vocab: int) -> 'TransformerConfig':
+    m = model_cfg
+    bert = m.kind == 'bert'
+    return cls(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
+               mlp_dim=m.mlp_dim or 4 * m.hidden, seq_len=m.seq_len, vocab_size=m.vocab_size,
+               padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
+               attention=m.attention, window=m.window, scan_layers=m.scan_layers,
+               causal=not bert, post_ln=m.post_ln,
+               gelu_approximate=not bert, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+class Block(nnx.Module):
+  """Pre-LN: x + attn(ln_1(x)), then + mlp(ln_2(x)) (Megatron-LM, GPT-2, Megatron BERT).
+  Post-LN: ln_1(x + attn(x)), then ln_2(x + mlp(x)) (original BERT)."""
+
+  def __init__(self, c: TransformerConfig, *, rngs):
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)  # residual projections, GPT-2 style
+    self.ln_1 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
+    self.attn = SelfAttention(c.hidden, c.num_heads, std=c.init_std, out_std=out_std,
+                              causal=c.causal, kind=c.attention, window=c.window, dtype=dtype,
+                              param_dtype=pdtype, rngs=rngs)
+    self.ln_2 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
+    self.mlp = MLP(c.hidden, c.mlp_dim, std=c.init_std, out_std=out_std,
+                   gelu_approximate=c.gelu_approximate, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    self.post_ln = c.post_ln
+
+  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
+    """With a key/value `cache` (decoding) returns (x, updated cache)."""
+    new_cache = None
+
+    def attn(x):
+      nonlocal new_cache
+      out = self.attn(x, local, mask, cache, decode)
+      if cache is None:
+        return out
+      out, new_cache = out
+      return out
+
+    if self.post_ln:
+      x_btd = self.ln_1(x_btd + attn(x_btd))
+      x_btd = self.ln_2(x_btd + self.mlp(x_btd))
+    else:
+      x_btd = x_btd + attn(self.ln_1(x_btd))
+      x_btd = x_btd + self.mlp(self.ln_2(x_btd))
+    x_btd = constrain(x_btd, RESIDUAL)
+    return x_btd if cache is None else (x_btd, new_cache)
+
+
+class Stack(nnx.Module):
+  """L blocks whose parameters are stacked on a leading `layers` axis, run by lax.scan."""
+
+  def __init__(self, c: TransformerConfig, *, rngs):
+    self.config = c
+
+    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(c, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+
+  def __call__(self, x_btd, mask=None, cache=None, decode=None):
+    """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache)."""
+    c = self.config
+    graphdef, layer_params = nnx.split(self.blocks)
+
+    def layer(x_btd, xs):
+      params, local, layer_cache = xs
+      out = nnx.merge(graphdef, params)(x_btd, local, mask, layer_cache, decode)
+      return out if layer_cache is not None else (out, None)
+
+    saved = _SAVED[c.remat]
+    if saved is not None:
+      policy = jax.checkpoint_policies.save_only_these_names(*saved)
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
+    if c.scan_layers:
+      x_btd, cache = jax.lax.scan(layer, x_btd, (layer_params, local, cache))
+    else:  # unrolled: compile time grows with depth, but no stacking of saved activations
+      caches = []
+      for i in range(c.num_layers):
+        x_btd, layer_cache = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_params, local, cache)))
+        caches.append(layer_cache)
+      cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+    return x_btd if cache is None else (x_btd, cache)
