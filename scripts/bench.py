@@ -1,0 +1,188 @@
+"""Benchmark the jitted train step (and attention kernels) of a config on this machine.
+
+  python scripts/bench.py --config tiny                         # step time, tokens/s, MFU
+  python scripts/bench.py --config tiny --compare-torch         # + PyTorch/transformers GPT-2 step
+  python scripts/bench.py --config tiny --config.model.num_layers=6 --config.model.hidden=512 \
+      --config.model.num_heads=8 --compare-torch                # the 6-layer D=512 byte GPT
+  python scripts/bench.py --attention --window 256              # local vs dense, T = 2048..16384
+  python scripts/bench.py --generate --config.model.seq_len=1024 # decoding tokens/s, cache or not
+
+Compile and warm-up are excluded; times are medians. On CPU, MFU is against the best
+matmul rate measured in the same run (XLA float32, and PyTorch's when it is installed).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shardlm import config as config_lib, perf, train
+from shardlm.model.attention import local_attention
+
+
+def median_time(fn, repeats):
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def torch_matmul_peak(n=1024, repeats=5):
+  import torch
+  a = torch.ones(n, n)
+  return 2 * n**3 / median_time(lambda: a @ a, repeats)
+
+
+def bench_step(cfg, repeats):
+  s = train.setup(cfg)
+  B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.model_config
+  state = s.init()
+  tokens = jax.device_put(np.random.default_rng(0).integers(0, m.vocab_size, (B, T + 1), np.int32),
+                          s.batch_sharding)
+  step = s.step.lower(state, tokens).compile()
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], tokens)
+    jax.block_until_ready(metrics)
+  dt = median_time(run, repeats)
+  flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, m.padded_vocab)
+  return {'step_s': dt, 'tokens_per_s': B * T / dt, 'flops_per_s': flops / dt,
+          'tflops_per_device': flops / dt / jax.device_count() / 1e12,
+          'params': sum(x.size for x in jax.tree.leaves(state['params']))}
+
+
+def bench_torch(cfg, repeats):
+  """The same GPT-2 shape as a Hugging Face GPT2LMHeadModel, trained with AdamW in PyTorch."""
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+  m, B, T = cfg.model, cfg.data.batch_size, cfg.model.seq_len
+  model = GPT2LMHeadModel(GPT2Config(
+      vocab_size=m.vocab_size, n_positions=T, n_embd=m.hidden, n_layer=m.num_layers,
+      n_head=m.num_heads, n_inner=m.mlp_dim or None, resid_pdrop=0.0, embd_pdrop=0.0,
+      attn_pdrop=0.0, activation_function='gelu_new'))
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  ids = torch.randint(0, m.vocab_size, (B, T + 1))
+
+  def run():
+    out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+  return median_time(run, repeats)
+
+
+def bench_attention(window, lengths, repeats, B=1, N=8, H=64):
+  """Forward + backward of one attention call, local against dense, at each length."""
+  rows = []
+  for T in lengths:
+    q, k, v = (jax.random.normal(key, (B, T, N, H)) for key in jax.random.split(jax.random.key(0), 3))
+    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
+    local = grad(lambda q, k, v: local_attention(q, k, v, window))
+    dense = grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    t_local = median_time(lambda: jax.block_until_ready(local(q, k, v)), repeats)
+    t_dense = median_time(lambda: jax.block_until_ready(dense(q, k, v)), repeats)
+    rows.append({'T': T, 'local_s': t_local, 'dense_s': t_dense, 'speedup': t_dense / t_local})
+    print(f'T={T:>6}  local {t_local * 1e3:9.1f} ms   dense {t_dense * 1e3:9.1f} ms   '
+          f'dense/local {t_dense / t_local:6.1f}x', flush=True)
+  return rows
+
+
+def bench_generate(cfg, new_tokens, prompt_len, batches):
+  """Decoding tokens/s of the Generator with its KV cache and by recomputing the whole window.
+
+  Random weights (speed does not depend on them) and an end-of-document id that never comes, so
+  every row decodes exactly `new_tokens`. Each path is compiled and warmed up first; then one
+  timed generation of `new_tokens` per batch size and path.
+  """
+  from shardlm.generate import Generator
+  s = train.setup(cfg)
+  m = s.model_config
+  gen = Generator(s.graphdef, s.init()['params'], s.mesh, s.rules, m, eod_id=-1)
+  rng = np.random.default_rng(0)
+  rows = []
+  for B in batches:
+    prompts = [rng.integers(0, m.vocab_size, prompt_len).astype(np.int32) for _ in range(B)]
+    row = {'batch': B, 'new_tokens': new_tokens, 'prompt': prompt_len}
+    for name, cache in (('cached', True), ('recompute', False)):
+      if cache:
+        gen(prompts, new_tokens)  # compiles the prefill and the one-token step
+      else:  # the same window shape as the timed run: compiled once, not run 512 times
+        S = prompt_len + new_tokens
+        jax.block_until_ready(gen._full(gen.params, jnp.zeros((B, S), jnp.int32), jnp.int32(S)))
+      t = time.perf_counter()
+      out = gen(prompts, new_tokens, use_cache=cache)
+      dt = time.perf_counter() - t
+      assert all(len(o) == new_tokens for o in out)
+      row[f'{name}_tokens_per_s'] = B * new_tokens / dt
+    row['cache_speedup'] = row['cached_tokens_per_s'] / row['recompute_tokens_per_s']
+    rows.append(row)
+    print(f"batch {B:>3}: {new_tokens} tokens after a {prompt_len}-token prompt | with cache "
+          f"{row['cached_tokens_per_s']:,.0f} tok/s | recomputing {row['recompute_tokens_per_s']:,.0f} "
+          f"tok/s | cache {row['cache_speedup']:.1f}x faster", flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--compare-torch', action='store_true')
+  parser.add_argument('--attention', action='store_true', help='time local vs dense attention')
+  parser.add_argument('--window', type=int, default=256)
+  parser.add_argument('--lengths', default='2048,4096,8192,16384')
+  parser.add_argument('--generate', action='store_true', help='time decoding with/without cache')
+  parser.add_argument('--new-tokens', type=int, default=512)
+  parser.add_argument('--prompt-len', type=int, default=16)
+  parser.add_argument('--batches', default='1,16')
+  parser.add_argument('--out', help='write the results as JSON here')
+  args, rest = parser.parse_known_args()
+  results = {'device': jax.devices()[0].device_kind, 'devices': jax.device_count()}
+
+  if args.attention:
+    results['attention'] = bench_attention(args.window, [int(t) for t in args.lengths.split(',')],
+                                           args.repeats)
+  else:
+    try:
+      cfg = config_lib.parse_args(rest)
+    except config_lib.ConfigError as e:
+      print(f'shardlm: error: {e}', file=sys.stderr)
+      sys.exit(2)
+    if args.generate:
+      results.update(config=cfg.name, generate=bench_generate(
+          cfg, args.new_tokens, args.prompt_len, [int(b) for b in args.batches.split(',')]))
+    else:
+      peak, source = perf.device_peak()
+      if jax.devices()[0].platform == 'cpu':
+        peaks = {'xla_f32_matmul': peak}
+        if args.compare_torch:
+          peaks['torch_f32_matmul'] = torch_matmul_peak()
+        source = max(peaks, key=peaks.get)
+        peak = peaks[source]
+        results['matmul_peaks'] = peaks
+      r = bench_step(cfg, args.repeats)
+      r['mfu'] = r['flops_per_s'] / peak
+      results.update(config=cfg.name, peak=peak, peak_source=source, step=r)
+      print(f"{cfg.name}: {r['params']:,} params, step {r['step_s'] * 1e3:.1f} ms, "
+            f"{r['tokens_per_s']:,.0f} tok/s, {r['tflops_per_device'] * 1e3:.1f} GFLOP/s/device, "
+            f"MFU {100 * r['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+      if args.compare_torch:
+        t = bench_torch(cfg, args.repeats)
+        results['torch_step_s'] = t
+        results['jax_over_torch_speed'] = t / r['step_s']
+        print(f'PyTorch GPT2LMHeadModel step {t * 1e3:.1f} ms; shardlm is '
+              f'{t / r["step_s"]:.2f}x the speed of PyTorch')
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,164 @@
+"""`python -m shardlm.generate --checkpoint DIR --prompt "..."`: text from a trained GPT.
+
+Decoding keeps a key/value cache (split over heads on the model axis), so each new token costs
+one position, not the whole prefix. Greedy (--temperature 0) or sampled with temperature,
+top-k and top-p; a batch of prompts from a file (one per line); stops at end-of-document or
+after --max-tokens; streams the first prompt's tokens as they come.
+"""
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shardlm import sharding
+from shardlm.config import ConfigError
+from shardlm.model.gpt import mask_padding
+
+
+def sample(logits_bv, key, temperature: float, top_k: int, top_p: float):
+  """One token per row. Padded vocabulary entries must already be masked (-1e9)."""
+  if temperature <= 0:
+    return jnp.argmax(logits_bv, axis=-1)
+  logits_bv = logits_bv / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+  if top_p < 1:
+    # Keep the smallest set of most likely tokens whose probability reaches top_p.
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    cum_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+    cutoff = jnp.take_along_axis(sorted_bv, jnp.sum(cum_bv < top_p, axis=-1, keepdims=True), -1)
+    logits_bv = jnp.where(logits_bv < cutoff, -jnp.inf, logits_bv)
+  return jax.random.categorical(key, logits_bv, axis=-1)
+
+
+class Generator:
+  """Jitted prefill and one-token decode steps for a GPT on a mesh."""
+
+  def __init__(self, graphdef, params, mesh, rules, model_config, eod_id: int):
+    self.params, self.eod_id, self.seq_len = params, eod_id, model_config.seq_len
+    vocab_size = model_config.vocab_size
+
+    def cached(params, ids_bt, cache, decode):
+      with sharding.use(mesh, rules):
+        logits_btv, cache = nnx.merge(graphdef, params)(ids_bt, cache, decode)
+        return mask_padding(logits_btv[:, -1], vocab_size), cache
+
+    def full(params, ids_bt, pos):
+      # No cache: the whole sequence again; causal, so what lies past `pos` changes nothing.
+      with sharding.use(mesh, rules):
+        logits_btv = nnx.merge(graphdef, params)(ids_bt)
+        return mask_padding(jax.lax.dynamic_index_in_dim(logits_btv, pos - 1, 1, False), vocab_size)
+
+    def init_cache(params, batch, length):
+      with sharding.use(mesh, rules):
+        return nnx.merge(graphdef, params).init_cache(batch, length)
+
+    self._cached = jax.jit(cached, donate_argnums=2)
+    self._full = jax.jit(full)
+    self._init_cache = jax.jit(init_cache, static_argnums=(1, 2))
+    self._sample = jax.jit(sample, static_argnums=(2, 3, 4))
+
+  def __call__(self, prompts: list[np.ndarray], max_tokens: int, temperature=0.0, top_k=0,
+               top_p=1.0, seed=0, use_cache=True, on_token=None) -> list[np.ndarray]:
+    """New tokens per prompt (up to end-of-document, included, or max_tokens)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = P + max_tokens
+    if S > self.seq_len:
+      raise ConfigError(f'prompt of {P} tokens + {max_tokens} new tokens exceeds the model\'s '
+                        f'{self.seq_len} positions; shorten the prompt or --max-tokens')
+    ids = np.zeros((B, S), np.int32)  # left-padded: every row's next token is at the same place
+    for b, p in enumerate(prompts):
+      ids[b, P - len(p):P] = p
+    start = jnp.asarray([P - len(p) for p in prompts], jnp.int32)
+    key = jax.random.key(seed)
+    done = np.zeros(B, bool)
+    out = [[] for _ in range(B)]
+    if not use_cache and len({len(p) for p in prompts}) > 1:
+      raise ValueError('decoding without the cache needs prompts of one length')
+    cache = self._init_cache(self.params, B, S) if use_cache else None
+    for t in range(max_tokens):
+      pos = P + t
+      if use_cache:
+        first = 0 if t == 0 else pos - 1  # the prefill takes the whole prompt at once
+        logits, cache = self._cached(self.params, jnp.asarray(ids[:, first:pos]), cache,
+                                     {'pos': jnp.int32(first), 'start': start})
+      else:
+        logits = self._full(self.params, jnp.asarray(ids), jnp.int32(pos))
+      token = np.asarray(self._sample(logits, jax.random.fold_in(key, t), float(temperature),
+                                      int(top_k), float(top_p)))
+      ids[:, pos] = token
+      for b in range(B):
+        if not done[b]:
+          out[b].append(int(token[b]))
+          done[b] = token[b] == self.eod_id
+      if on_token:
+        on_token(int(token[0]), bool(done[0]) and out[0][-1] == self.eod_id)
+      if done.all():
+        break
+    return [np.asarray(o, np.int32) for o in out]
+
+
+def main(argv=None):
+  from shardlm import inference
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help='run or checkpoint directory')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--prompt', help='one prompt')
+  source.add_argument('--prompts', help='a file of prompts, one per line')
+  parser.add_argument('--max-tokens', type=int, default=200)
+  parser.add_argument('--temperature', type=float, default=0.8, help='0 for greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+  args, overrides = parser.parse_known_args(argv)
+  try:
+    if args.max_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
+      raise ConfigError('--max-tokens >= 1, --top-k >= 0 and 0 < --top-p <= 1 are required')
+    model = inference.load(args.checkpoint, overrides)
+    if args.prompt is not None:
+      texts = [args.prompt.replace('\\n', '\n').replace('\\t', '\t')]  # "\n" in a shell argument
+    else:
+      try:
+        texts = [l for l in open(args.prompts, encoding='utf-8').read().splitlines() if l]
+      except OSError as e:
+        raise ConfigError(f'--prompts {args.prompts}: {e.strerror}') from None
+    prompts = [model.tokenizer.encode(t) for t in texts]
+    if any(len(p) == 0 for p in prompts):
+      raise ConfigError('every prompt needs at least one token')
+    gen = model.generator()
+    stream = len(texts) == 1
+    if stream:
+      print(texts[0], end='', flush=True)
+    emitted = []
+
+    def on_token(token, eod):  # print whatever decodes cleanly so far
+      if stream and not eod:
+        emitted.append(token)
+        text = model.tokenizer.decode(emitted)
+        if not text.endswith('\ufffd'):
+          print(text, end='', flush=True)
+          emitted.clear()
+
+    t0 = time.perf_counter()
+    outs = gen(prompts, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+               on_token=on_token)
+  except ConfigError as e:
+    print(f'shardlm: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  dt = time.perf_counter() - t0
+  if stream:
+    print()
+  else:
+    for text, out in zip(texts, outs):
+      print(f'--- {text!r}\n{text}{model.tokenizer.decode(out)}')
+  n = sum(len(o) for o in outs)
+  print(f'[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s]', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  main()

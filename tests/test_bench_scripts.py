@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end (at toy size, on CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run(tmp_path):
+  out = tmp_path / 'results.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(['bash', str(ROOT / 'scripts/bench_gpu.sh'), '--dry-run', '--out', str(out)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert set(results) == {'gpt_1_2b', 'gpt_345m'}
+  for r in results.values():
+    assert r['step']['tokens_per_s'] > 0 and 0 < r['step']['mfu'] < 1
+  assert f'results: {out}' in proc.stdout
+
+
+def test_bench_attention_local_beats_dense(tmp_path):
+  """A small version of the local-attention benchmark: at T = 8W local must already win."""
+  out = tmp_path / 'attn.json'
+  proc = subprocess.run([sys.executable, str(ROOT / 'scripts/bench.py'), '--attention', '--window', '64',
+                         '--lengths', '512', '--repeats', '3', '--out', str(out)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['attention']
+  assert row['T'] == 512 and row['speedup'] > 1.5, row
