@@ -505,28 +505,40 @@ def inspect(directory, out=sys.stdout) -> dict:
   return {'path': path, 'meta': meta, 'arrays': arrays, 'params': n_params}
 
 
+def read_params_numpy(path: Path) -> dict:
+  """{'params': tree of numpy arrays} of a train or params-only checkpoint, through host memory;
+  the optimizer state, two thirds of a checkpoint under Adam, is not read."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(Path(path) / 'state').tree
+    if 'params' not in tree:
+      raise ConfigError(f'checkpoint {path} holds no parameters')
+    item = {'params': tree['params']}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    return handler.restore(Path(path) / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+  except ConfigError:
+    raise
+  except Exception as e:  # orbax and tensorstore raise many kinds
+    raise ConfigError(f'checkpoint {path} cannot be read: {_brief(e)}') from None
+
+
+def flat_names(tree) -> dict:
+  """Dotted leaf name -> leaf, the names `inspect` prints ('params.h.blocks.attn.qkv.kernel')."""
+  return _flat(tree)
+
+
 def export_params(directory, out) -> Path:
   """Writes the parameters alone as a checkpoint of the same format, for inference and fine-tuning.
 
   The parameters pass through host memory once (numpy), so a machine without accelerators can
-  export; the optimizer state, two thirds of a checkpoint under Adam, is not read.
+  export.
   """
   path, out = find(directory), Path(out)
   if out.exists():
     raise ConfigError(f'{out} already exists; export-params writes a new directory')
-  meta, arrays = read_meta(path), read_arrays(path)
-  if not any(k.startswith('params.') for k in arrays):
-    raise ConfigError(f'checkpoint {path} holds no parameters')
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    tree = handler.metadata(path / 'state').tree
-    item = {'params': tree['params']}
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    params = handler.restore(path / 'state', args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True))
-  except Exception as e:  # orbax and tensorstore raise many kinds
-    raise ConfigError(f'checkpoint {path} cannot be read: {_brief(e)}') from None
-  return save_params(out, params['params'], meta)
+  meta = read_meta(path)
+  return save_params(out, read_params_numpy(path)['params'], meta)
 
 
 class _Parser(argparse.ArgumentParser):

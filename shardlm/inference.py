@@ -82,7 +82,18 @@ def load(directory, overrides=(), devices=None) -> Loaded:
   s = train.setup(cfg, devices)
 
   params, path, meta = checkpoint.restore_params(path, s)
-  tok = tokenizer_lib.get_tokenizer(meta['tokenizer']['name'])
+  # The tokenizer it was trained with: --config.data.tokenizer=... overrides; a checkpoint that
+  # carries its own tokenizer files (shardlm.convert) finds them wherever it has been moved.
+  name = meta['tokenizer']['name']
+  own = path / 'tokenizer' / 'tokenizer.json'
+  if any(a.startswith('--config.data.tokenizer=') for a in overrides):
+    name = cfg.data.tokenizer
+  elif name not in ('byte', 'none') and not Path(name).exists() and own.is_file():
+    name = str(own)
+  if name == 'none':
+    raise ConfigError(f'checkpoint {path} records no tokenizer; give one with '
+                      '--config.data.tokenizer=PATH/tokenizer.json')
+  tok = tokenizer_lib.get_tokenizer(name)
   return Loaded(cfg, s, params, tok, path)
 
 

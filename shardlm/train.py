@@ -256,7 +256,9 @@ def train(cfg) -> dict:
   if state is None and cfg.train.init_from:  # imported or exported weights, a fresh optimizer
     params, path, meta = checkpoint.restore_params(cfg.train.init_from, s, 'train.init_from')
     theirs = meta['tokenizer'].get('fingerprint')
-    if theirs != getattr(tok, 'fingerprint', tok.name):
+    if meta['tokenizer']['name'] == 'none':  # converted without tokenizer files: trust the config
+      log.print(f'note: {path} records no tokenizer; using data.tokenizer={tok.name}')
+    elif theirs != getattr(tok, 'fingerprint', tok.name):
       raise ConfigError(f"train.init_from={path} was made with tokenizer {meta['tokenizer']['name']}, "
                         f"this config uses {tok.name}; set data.tokenizer to match")
     state = s.init_with(params)
