@@ -33,3 +33,18 @@ def test_bench_attention_local_beats_dense(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())['attention']
   assert row['T'] == 512 and row['speedup'] > 1.5, row
+
+
+def test_bench_generate_reports_both_paths(tmp_path):
+  """A toy run of `bench.py --generate`: every batch size timed with and without the cache."""
+  out = tmp_path / 'gen.json'
+  proc = subprocess.run([sys.executable, str(ROOT / 'scripts/bench.py'), '--generate', '--new-tokens', '8',
+                         '--prompt-len', '4', '--batches', '1,2', '--config.model.num_layers=1',
+                         '--out', str(out)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())['generate']
+  assert [r['batch'] for r in rows] == [1, 2]
+  for r in rows:
+    assert r['cached_tokens_per_s'] > 0 and r['recompute_tokens_per_s'] > 0
+    assert r['cache_speedup'] == r['cached_tokens_per_s'] / r['recompute_tokens_per_s']
+  assert proc.stdout.count('with cache') == 2

@@ -1,10 +1,15 @@
 """BERT batches from the same step-indexed samples: sentence-order pairs and masked-LM targets.
 
-Sample j of the GPT loader (T-3 tokens of the packed corpus) becomes one BERT row: cut at a
-random point into segments A and B, kept in order or swapped (the sentence-order label, as in
-ALBERT and Megatron-LM's BERT), laid out as [CLS] A [SEP] B [SEP] and padded to T. 15% of the
-segment tokens (whole words, optionally) are chosen; of those 80% become [MASK], 10% a random
-token, 10% stay. Every choice is drawn from (seed, j), so a batch is a pure function of the step.
+Sample j of the GPT loader (T-3 tokens of the packed corpus) becomes one BERT row. Its
+sentences (lines, for code: units ending in a newline, `.`, `!`, `?` or end-of-document) are
+kept whole: the partial first and last ones are dropped, and the rest are cut at a random
+sentence boundary into segments A and B, kept in order or swapped (the sentence-order label, as
+in ALBERT and Megatron-LM's BERT), laid out as [CLS] A [SEP] B [SEP] and padded to T. Whole
+sentences on both sides leave no clue to the order but the text itself (a cut mid-line would
+let the model read the order off the byte before [SEP]). A sample with fewer than three
+boundaries is cut at a random token instead. 15% of the segment tokens (whole words,
+optionally) are chosen; of those 80% become [MASK], 10% a random token, 10% stay. Every choice
+is drawn from (seed, j), so a batch is a pure function of the step.
 """
 import jax
 import numpy as np
@@ -27,6 +32,18 @@ def special_ids(tokenizer) -> dict:
   return {k: tokenizer.vocab_size + i for i, k in enumerate(SPECIALS)}
 
 
+def _sentence_ends(tokenizer) -> np.ndarray:
+  """[vocab] bool: the tokens after which a new sentence (or line) starts."""
+  if tokenizer.name == 'byte':
+    ends = np.zeros(tokenizer.vocab_size, bool)
+    ends[[ord('\n'), tokenizer.eod_id]] = True
+    return ends
+  texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+  ends = np.array([t.endswith(('\n', '.', '!', '?')) for t in texts])
+  ends[tokenizer.eod_id] = True
+  return ends
+
+
 def vocab_size(tokenizer) -> int:
   """Ids a BERT model must embed: the tokenizer's, plus the 4 special ids added to the byte one."""
   return max(max(special_ids(tokenizer).values()) + 1, tokenizer.vocab_size)
@@ -44,6 +61,7 @@ class BertBatches:
     self.ids = special_ids(tokenizer)
     self.num_real = tokenizer.vocab_size  # random replacements come from the real vocabulary
     self.vocab_size = vocab_size(tokenizer)
+    self.ends_sentence = _sentence_ends(tokenizer)
     self.continues = None
     if whole_word:
       if tokenizer.name == 'byte':
@@ -63,8 +81,14 @@ class BertBatches:
   def example(self, j: int) -> dict:
     rng = np.random.default_rng([self.seed, j])
     tokens = np.asarray(self.samples.sample(j), np.int64)
-    cut = int(rng.integers(1, len(tokens)))
-    a, b = tokens[:cut], tokens[cut:]
+    starts = np.flatnonzero(self.ends_sentence[np.minimum(tokens, len(self.ends_sentence) - 1)]) + 1
+    starts = starts[starts < len(tokens)]
+    if len(starts) >= 3:  # whole sentences: from the first start to the last, cut at one between
+      cut = int(rng.choice(starts[1:-1]))
+      a, b = tokens[starts[0]:cut], tokens[cut:starts[-1]]
+    else:
+      cut = int(rng.integers(1, len(tokens)))
+      a, b = tokens[:cut], tokens[cut:]
     order = int(rng.random() < 0.5)
     if order:
       a, b = b, a
