@@ -16,7 +16,8 @@ from shardlm.config import defaults
 
 def get_config():
   c = defaults()
-  c.model.update(kind='bert', num_layers=4, hidden=128, num_heads=4, seq_len=128, vocab_size=261)
+  c.model.update(kind='bert', num_layers=4, hidden=128, num_heads=4, seq_len=128, vocab_size=261,
+                 scan_layers=False)  # 4 layers: unrolled is 12-20% faster on CPU, compiles as fast
   c.data.update(corpus='stdlib', tokenizer='byte', batch_size=32)
   c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.01)
   c.train.update(steps=300, eval_every=100)

@@ -80,8 +80,10 @@ def bench_torch(cfg, repeats):
   return median_time(run, repeats)
 
 
-def bench_attention(window, lengths, repeats, B=1, N=8, H=64):
-  """Forward + backward of one attention call, local against dense, at each length."""
+def bench_attention(window, lengths, repeats, dense_max, B=1, N=8, H=64):
+  """Forward + backward of one attention call, local against dense, at each length. Dense
+  attention keeps N x T x T float32 scores (8.6 GB at T=16384), so it runs only up to
+  `dense_max`; the time per token of local attention shows whether it grows linearly."""
   rows = []
   for T in lengths:
     q, k, v = (jax.random.normal(key, (B, T, N, H)) for key in jax.random.split(jax.random.key(0), 3))
@@ -89,10 +91,14 @@ def bench_attention(window, lengths, repeats, B=1, N=8, H=64):
     local = grad(lambda q, k, v: local_attention(q, k, v, window))
     dense = grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
     t_local = median_time(lambda: jax.block_until_ready(local(q, k, v)), repeats)
-    t_dense = median_time(lambda: jax.block_until_ready(dense(q, k, v)), repeats)
-    rows.append({'T': T, 'local_s': t_local, 'dense_s': t_dense, 'speedup': t_dense / t_local})
-    print(f'T={T:>6}  local {t_local * 1e3:9.1f} ms   dense {t_dense * 1e3:9.1f} ms   '
-          f'dense/local {t_dense / t_local:6.1f}x', flush=True)
+    row = {'T': T, 'local_s': t_local, 'local_us_per_token': t_local / T * 1e6}
+    line = f'T={T:>6}  local {t_local * 1e3:9.1f} ms ({row["local_us_per_token"]:.2f} us/token)'
+    if T <= dense_max:
+      t_dense = median_time(lambda: jax.block_until_ready(dense(q, k, v)), repeats)
+      row.update(dense_s=t_dense, speedup=t_dense / t_local)
+      line += f'   dense {t_dense * 1e3:9.1f} ms   dense/local {t_dense / t_local:6.1f}x'
+    rows.append(row)
+    print(line, flush=True)
   return rows
 
 
@@ -138,6 +144,7 @@ def main():
   parser.add_argument('--attention', action='store_true', help='time local vs dense attention')
   parser.add_argument('--window', type=int, default=256)
   parser.add_argument('--lengths', default='2048,4096,8192,16384')
+  parser.add_argument('--dense-max', type=int, default=8192, help='longest T to time dense attention at')
   parser.add_argument('--generate', action='store_true', help='time decoding with/without cache')
   parser.add_argument('--new-tokens', type=int, default=512)
   parser.add_argument('--prompt-len', type=int, default=16)
@@ -148,7 +155,7 @@ def main():
 
   if args.attention:
     results['attention'] = bench_attention(args.window, [int(t) for t in args.lengths.split(',')],
-                                           args.repeats)
+                                           args.repeats, args.dense_max)
   else:
     try:
       cfg = config_lib.parse_args(rest)

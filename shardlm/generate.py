@@ -110,26 +110,35 @@ def main(argv=None):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--prompt', help='one prompt')
   source.add_argument('--prompts', help='a file of prompts, one per line')
-  parser.add_argument('--max-tokens', type=int, default=200)
+  parser.add_argument('--max-tokens', type=int, default=0,
+                      help='new tokens per prompt (default: up to 200, as many as the positions allow)')
   parser.add_argument('--temperature', type=float, default=0.8, help='0 for greedy')
   parser.add_argument('--top-k', type=int, default=0)
   parser.add_argument('--top-p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
   args, overrides = parser.parse_known_args(argv)
   try:
-    if args.max_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    if args.max_tokens < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
       raise ConfigError('--max-tokens >= 1, --top-k >= 0 and 0 < --top-p <= 1 are required')
     model = inference.load(args.checkpoint, overrides)
     if args.prompt is not None:
-      texts = [args.prompt.replace('\\n', '\n').replace('\\t', '\t')]  # "\n" in a shell argument
+      texts = [args.prompt]
     else:
       try:
         texts = [l for l in open(args.prompts, encoding='utf-8').read().splitlines() if l]
       except OSError as e:
         raise ConfigError(f'--prompts {args.prompts}: {e.strerror}') from None
+    # "\n" and "\t" in a shell argument or a one-line prompt stand for a newline and a tab.
+    texts = [t.replace('\\n', '\n').replace('\\t', '\t') for t in texts]
     prompts = [model.tokenizer.encode(t) for t in texts]
     if any(len(p) == 0 for p in prompts):
       raise ConfigError('every prompt needs at least one token')
+    room = model.cfg.model.seq_len - max(len(p) for p in prompts)
+    max_tokens = args.max_tokens or min(200, room)
+    if room < 1 or max_tokens > room:
+      raise ConfigError(f'a prompt of {model.cfg.model.seq_len - room} tokens + {max_tokens} new tokens '
+                        f"exceeds the model's {model.cfg.model.seq_len} positions; shorten the prompt "
+                        'or --max-tokens')
     gen = model.generator()
     stream = len(texts) == 1
     if stream:
@@ -145,7 +154,7 @@ def main(argv=None):
           emitted.clear()
 
     t0 = time.perf_counter()
-    outs = gen(prompts, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+    outs = gen(prompts, max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                on_token=on_token)
   except ConfigError as e:
     print(f'shardlm: error: {e}', file=sys.stderr)

@@ -14,6 +14,7 @@ B, T, D, L = 32, 64, 160, 2
 def lowered_step(preset, mesh, rules=(), remat='none'):
   cfg = config.load('tiny')
   for key, value in dict(model__hidden=D, model__seq_len=T, model__num_layers=L, model__remat=remat,
+                         model__scan_layers=True,  # the layer loop, as every large config runs it
                          data__batch_size=B, sharding__preset=preset, sharding__rules=repr(rules),
                          **{f'mesh__{k}': v for k, v in mesh.items()}).items():
     config.override(cfg, key.replace('__', '.'), str(value))

@@ -74,9 +74,11 @@ def test_lambada_counts_a_hit_only_when_every_token_is_right():
   assert r == {'examples': 4, 'accuracy': 0.75}
 
 
-@pytest.mark.parametrize('mesh, n', [(dict(data=1), 1), (dict(data=1, model=4), 4)])
-def test_greedy_with_cache_equals_recomputing(mesh, n):
-  m = loaded(jax.devices()[:n], **{f'mesh__{k}': v for k, v in mesh.items()})
+@pytest.mark.parametrize('mesh, n, scan', [(dict(data=1), 1, False), (dict(data=1, model=4), 4, False),
+                                           (dict(data=1, model=4), 4, True)])
+def test_greedy_with_cache_equals_recomputing(mesh, n, scan):
+  """On one device and split over heads; the layers unrolled (tiny) and scanned (large)."""
+  m = loaded(jax.devices()[:n], model__scan_layers=scan, **{f'mesh__{k}': v for k, v in mesh.items()})
   prompts = [np.frombuffer(b'def f(x):\n    ret', np.uint8).astype(np.int32),
              np.frombuffer(b'import sys\nimport', np.uint8).astype(np.int32)]
   gen = m.generator()

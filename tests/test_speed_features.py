@@ -58,7 +58,7 @@ def test_remat_lowers_compiled_memory(tiny):
   temp = {}
   for remat in ('none', 'selective', 'full'):
     cfg = tiny(model__num_layers=24, model__hidden=64, model__seq_len=256, data__batch_size=8,
-               model__remat=remat, mesh__data=1)
+               model__remat=remat, model__scan_layers=True, mesh__data=1)
     s = train.setup(cfg, jax.devices()[:1])
     batch = jax.ShapeDtypeStruct((8, 257), jnp.int32)
     temp[remat] = s.step.lower(jax.eval_shape(s.init), batch).compile().memory_analysis().temp_size_in_bytes

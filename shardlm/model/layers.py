@@ -95,8 +95,9 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
     """`local` (a traced bool) picks the kernel per layer when kind is 'alternating';
     `mask` [B, 1, 1, T] (True = attend) hides padding keys. With a `cache` ({'k', 'v'}, each
-    [B, S, N, H]) the new keys and values are written at `decode['pos']` and the queries attend
-    over the cache; returns (output, new cache) then."""
+    [L, B, S, N, H], all layers) the new keys and values are written at layer `decode['layer']`,
+    position `decode['pos']`, and the queries attend over that layer's cache; returns (output,
+    updated cache) then."""
     qkv = jnp.einsum('BTD,DCNH->CBTNH', x_btd, self.qkv['kernel'][...].astype(self.dtype))
     qkv = qkv + self.qkv['bias'][...].astype(self.dtype)[:, None, None]
     qkv = constrain(checkpoint_name(qkv, 'qkv'), (None, 'batch', 'length', 'act_heads', None))
@@ -122,12 +123,13 @@ class SelfAttention(nnx.Module):
     Row b's tokens start at cache position decode['start'][b] (prompts are left-padded);
     everything before it, and every position after the query's own, is masked.
     """
-    pos, start_b = decode['pos'], decode['start']
-    names = ('batch', None, 'act_heads', None)  # the cache stays split over heads
-    k_bsnh = constrain(jax.lax.dynamic_update_slice(cache['k'], k_btnh.astype(cache['k'].dtype),
-                                                    (0, pos, 0, 0)), names)
-    v_bsnh = constrain(jax.lax.dynamic_update_slice(cache['v'], v_btnh.astype(cache['v'].dtype),
-                                                    (0, pos, 0, 0)), names)
+    pos, start_b, i = decode['pos'], decode['start'], decode['layer']
+    names = ('layers', 'batch', None, 'act_heads', None)  # the cache stays split over heads
+    # This layer's new keys and values go into the stacked cache [L, B, S, N, H] in place.
+    cache = {name: constrain(jax.lax.dynamic_update_slice(
+                 cache[name], new[None].astype(cache[name].dtype), (i, 0, pos, 0, 0)), names)
+             for name, new in (('k', k_btnh), ('v', v_btnh))}
+    k_bsnh, v_bsnh = (jax.lax.dynamic_index_in_dim(cache[n], i, 0, keepdims=False) for n in 'kv')
     T, S = q_btnh.shape[1], k_bsnh.shape[1]
     q_pos, k_pos = pos + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
     mask_bts = (k_pos <= q_pos)[None] & (k_pos[None] >= start_b[:, None, None])
@@ -136,4 +138,4 @@ class SelfAttention(nnx.Module):
       mask_bts &= in_window if self.kind == 'local' else (in_window | ~local)
     o_btnh = attend(q_btnh, k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype),
                     causal=False, mask=mask_bts[:, None])
-    return o_btnh, {'k': k_bsnh, 'v': v_bsnh}
+    return o_btnh, cache

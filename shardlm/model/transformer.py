@@ -105,26 +105,39 @@ class Stack(nnx.Module):
     self.blocks = make_blocks(rngs)
 
   def __call__(self, x_btd, mask=None, cache=None, decode=None):
-    """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache)."""
+    """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache).
+
+    Decoding carries the whole stacked cache from layer to layer, and layer i writes only its
+    new positions into it (decode['layer'] = i): with the cache donated, XLA updates it in
+    place, so a step costs the new tokens, not a copy of the cache.
+    """
     c = self.config
     graphdef, layer_params = nnx.split(self.blocks)
+    local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
+    if cache is not None:
+      def decode_layer(carry, xs):
+        x_btd, cache = carry
+        params, is_local, i = xs
+        return nnx.merge(graphdef, params)(x_btd, is_local, mask, cache, {**decode, 'layer': i}), None
+      xs = (layer_params, local, jnp.arange(c.num_layers))
+      if c.scan_layers:
+        (x_btd, cache), _ = jax.lax.scan(decode_layer, (x_btd, cache), xs)
+      else:
+        for i in range(c.num_layers):
+          (x_btd, cache), _ = decode_layer((x_btd, cache), jax.tree.map(lambda a: a[i], xs))
+      return x_btd, cache
 
     def layer(x_btd, xs):
-      params, local, layer_cache = xs
-      out = nnx.merge(graphdef, params)(x_btd, local, mask, layer_cache, decode)
-      return out if layer_cache is not None else (out, None)
+      params, is_local = xs
+      return nnx.merge(graphdef, params)(x_btd, is_local, mask), None
 
     saved = _SAVED[c.remat]
     if saved is not None:
       policy = jax.checkpoint_policies.save_only_these_names(*saved)
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
     if c.scan_layers:
-      x_btd, cache = jax.lax.scan(layer, x_btd, (layer_params, local, cache))
+      x_btd, _ = jax.lax.scan(layer, x_btd, (layer_params, local))
     else:  # unrolled: compile time grows with depth, but no stacking of saved activations
-      caches = []
       for i in range(c.num_layers):
-        x_btd, layer_cache = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_params, local, cache)))
-        caches.append(layer_cache)
-      cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
-    return x_btd if cache is None else (x_btd, cache)
+        x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_params, local)))
+    return x_btd
