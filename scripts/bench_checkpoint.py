@@ -1,6 +1,6 @@
 """Benchmark checkpoints: step time while an asynchronous save runs, save and restore MB/s, disk MB/s.
 
-  python scripts/bench_checkpoint.py                       # 8 x 512 GPT (25M params, 306 MB state)
+  python scripts/bench_checkpoint.py                       # 8 x 512 GPT (25M params, 306 MB state), 32 x 128
   python scripts/bench_checkpoint.py --config tiny         # the default run's model as it is
   python scripts/bench_checkpoint.py --config tiny --config.model.num_layers=8 \
       --config.model.hidden=512 --config.model.num_heads=8 --config.data.batch_size=8
@@ -29,8 +29,9 @@ import numpy as np
 from shardlm import checkpoint, config as config_lib, train
 from shardlm.data.tokenizer import ByteTokenizer
 
-# Unless the command line says otherwise: tiny's batch (32 x 128) on a model with a 306 MB state.
-MEDIUM = ['--config.model.num_layers=8', '--config.model.hidden=512', '--config.model.num_heads=8']
+# Unless the command line says otherwise: a batch of 32 x 128 on a model with a 306 MB state.
+MEDIUM = ['--config.model.num_layers=8', '--config.model.hidden=512', '--config.model.num_heads=8',
+          '--config.data.batch_size=32']
 
 
 def disk_write_mb_s(directory: Path, size_mb: int, repeats: int = 3) -> float:
