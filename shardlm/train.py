@@ -118,7 +118,10 @@ def setup(cfg, devices=None) -> Setup:
     updates, opt_state = tx.update(g, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(g), 'lr': schedule(state['step']), **extra}
+    # The learning rate of this update: the optimizer's own count, which a skipped (float16
+    # overflow) step does not advance, so the schedule waits for it as Megatron's does.
+    applied = optax.tree_utils.tree_get_all_with_path(state['opt_state'], 'count')[0][1]
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(g), 'lr': schedule(applied), **extra}
     if scaled:  # an overflowing step leaves parameters and optimizer state as they were
       finite = optim.all_finite(g)
       for key in ('params', 'opt_state'):

@@ -53,6 +53,9 @@ def test_float16_overflow_skips_the_step_and_lowers_the_scale(tiny, hysteresis):
   for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)  # skipped: parameters untouched
   assert int(state['step']) == hysteresis  # the data position still moves on
+  # ...but the learning-rate schedule does not: the next update is still the first one.
+  _, m = s.step(state, data.global_batch(hysteresis, s.batch_sharding))
+  assert float(m['lr']) == float(s.schedule(0))
   # With hysteresis 2 the first overflow keeps the scale; the second halves it.
   assert scales == pytest.approx([3e38] * (hysteresis - 1) + [1.5e38], rel=1e-6)
   # Once the scale is sane, steps go through and train in float16.
