@@ -173,6 +173,10 @@ def restore_params(directory, s, expect=None) -> tuple[dict, Path, dict]:
     meta, stored = read_meta(path), read_arrays(path)
   except Unreadable as e:
     raise ConfigError(f'{what} cannot be read: {e}') from None
+  theirs, ours = meta['config']['model'].get('kind', 'gpt'), s.cfg.model.kind
+  if theirs != ours:  # a pre-LN BERT holds every GPT parameter: shapes alone would not tell
+    raise ConfigError(f'{what} holds a {theirs} model, and this config builds a {ours} '
+                      f"(model.kind='{ours}')")
   stored = {k[len('params.'):]: v for k, v in stored.items() if k.startswith('params.')}
   was, now = meta['model']['padded_vocab'], s.model_config.padded_vocab
   abstract = jax.eval_shape(s.init)['params']

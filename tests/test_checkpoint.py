@@ -281,3 +281,20 @@ def test_inspect_and_export_params(two_steps, tmp_path):
   cfg = small_cfg(tmp_path / 'run', **{'train.resume': exported})
   with pytest.raises(ConfigError, match='holds params, not a train state'):
     checkpoints(cfg, train.setup(cfg, jax.devices()[:1])).restore()
+
+
+def test_init_from_takes_the_parameters_and_a_fresh_optimizer(two_steps, tmp_path):
+  src = two_steps / 'checkpoints' / '2'
+  cfg = small_cfg(tmp_path, **{'train.init_from': src})
+  s = train.setup(cfg, jax.devices()[:1])
+  params, path, _ = checkpoint.restore_params(cfg.train.init_from, s, 'train.init_from')
+  state = s.init_with(params)
+  stored = checkpoint.read_params_numpy(src)['params']
+  for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(stored)):
+    np.testing.assert_array_equal(a, b)
+  assert path == src and int(state['step']) == 0
+  assert all(not np.any(x) for x in jax.tree.leaves(state['opt_state']))  # moments and counts 0
+  # Shapes alone would not catch a model of another kind (a pre-LN BERT holds every GPT name).
+  bert = train.setup(small_cfg(tmp_path, **{'model.kind': 'bert'}), jax.devices()[:1])
+  with pytest.raises(ConfigError, match='holds a gpt model, and this config builds a bert'):
+    checkpoint.restore_params(src, bert, 'train.init_from')
