@@ -240,6 +240,11 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
                       'vocabulary padding is off (model.vocab_multiple=0); set model.vocab_multiple=128')
   if m.attention != 'dense' and m.window <= 0:
     raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
+  if m.mlp_dim < 0:
+    raise ConfigError(f'model.mlp_dim={m.mlp_dim} must be >= 0 (0 means 4 x model.hidden)')
+  if m.kind == 'bert' and m.attention != 'dense':
+    raise ConfigError(f"model.attention='{m.attention}' is causal; BERT (model.kind='bert') "
+                      "attends both ways: use model.attention='dense'")
   if m.post_ln and m.kind != 'bert':
     raise ConfigError("model.post_ln=True is for BERT (model.kind='bert'); GPT is pre-LN")
   if m.kind == 'bert' and m.seq_len < 8:

@@ -85,13 +85,19 @@ def main(argv=None):
   parser.add_argument('--batch-size', type=int, default=8)
   args, overrides = parser.parse_known_args(argv)
   try:
+    if args.batch_size < 1 or args.stride < 0:
+      raise ConfigError(f'--batch-size {args.batch_size} must be >= 1 and --stride {args.stride} >= 0')
     model = inference.load(args.checkpoint, overrides)
     path = Path(args.data)
     if not path.is_file():
       raise ConfigError(f'--data {path}: no such file')
+    try:
+      content = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+      raise ConfigError(f'--data {path}: not UTF-8 text (byte {e.start})') from None
     T = model.cfg.model.seq_len
     if args.task == 'ppl':
-      text = path.read_text(encoding='utf-8')
+      text = content
       tokens = model.tokenizer.encode(text)
       if len(tokens) < 2:
         raise ConfigError(f'--data {path} has fewer than 2 tokens')
@@ -99,12 +105,15 @@ def main(argv=None):
                           len(text.encode('utf-8')), max(len(text.split()), 1))
     else:
       examples = []
-      for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+      for n, line in enumerate(content.splitlines(), 1):
         if line.strip():
           try:
-            examples.append(json.loads(line)['text'])
+            example = json.loads(line)['text']
           except (ValueError, KeyError, TypeError):
-            raise ConfigError(f'{path}:{n}: not a JSON object with a "text" field') from None
+            example = None
+          if not isinstance(example, str):
+            raise ConfigError(f'{path}:{n}: not a JSON object with a "text" string')
+          examples.append(example)
       if not examples or any(' ' not in e.strip() for e in examples):
         raise ConfigError(f'{path}: every example needs a context and a last word')
       result = lambada(model.score, examples, model.tokenizer, T, args.batch_size)

@@ -121,6 +121,8 @@ def main(argv=None):
     if args.max_tokens < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
       raise ConfigError('--max-tokens >= 1, --top-k >= 0 and 0 < --top-p <= 1 are required')
     model = inference.load(args.checkpoint, overrides)
+    if args.top_k > model.cfg.model.vocab_size:
+      raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')
     if args.prompt is not None:
       texts = [args.prompt]
     else:
@@ -128,6 +130,8 @@ def main(argv=None):
         texts = [l for l in open(args.prompts, encoding='utf-8').read().splitlines() if l]
       except OSError as e:
         raise ConfigError(f'--prompts {args.prompts}: {e.strerror}') from None
+      except UnicodeDecodeError as e:
+        raise ConfigError(f'--prompts {args.prompts}: not UTF-8 text (byte {e.start})') from None
     # "\n" and "\t" in a shell argument or a one-line prompt stand for a newline and a tab.
     texts = [t.replace('\\n', '\n').replace('\\t', '\t') for t in texts]
     prompts = [model.tokenizer.encode(t) for t in texts]

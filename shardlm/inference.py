@@ -71,6 +71,9 @@ def load(directory, overrides=(), devices=None) -> Loaded:
   model = max(d for d in range(1, len(devices) + 1)
               if len(devices) % d == 0 and cfg.model.num_heads % d == 0)
   cfg.mesh.update(data=-1, fsdp=1, model=model)
+  # Where the training run resumed or started from is history here, and may be gone.
+  cfg.train.update(resume='none', init_from='')
+  cfg.checkpoint.dir = ''
   for arg in overrides:
     if not arg.startswith('--config.') or '=' not in arg:
       raise ConfigError(f"unexpected argument '{arg}'; expected --config.section.key=value")
@@ -86,14 +89,20 @@ def load(directory, overrides=(), devices=None) -> Loaded:
   # carries its own tokenizer files (shardlm.convert) finds them wherever it has been moved.
   name = meta['tokenizer']['name']
   own = path / 'tokenizer' / 'tokenizer.json'
-  if any(a.startswith('--config.data.tokenizer=') for a in overrides):
+  chosen = any(a.startswith('--config.data.tokenizer=') for a in overrides)
+  if chosen:
     name = cfg.data.tokenizer
-  elif name not in ('byte', 'none') and not Path(name).exists() and own.is_file():
+  elif own.is_file():
     name = str(own)
   if name == 'none':
     raise ConfigError(f'checkpoint {path} records no tokenizer; give one with '
                       '--config.data.tokenizer=PATH/tokenizer.json')
   tok = tokenizer_lib.get_tokenizer(name)
+  want = meta['tokenizer'].get('fingerprint')
+  if want and meta['tokenizer']['name'] != 'none' and getattr(tok, 'fingerprint', tok.name) != want:
+    raise ConfigError(f"tokenizer {name} is not the one checkpoint {path} was trained with "
+                      f"({meta['tokenizer']['name']}, fingerprint {want})"
+                      + ('' if chosen else '; give it with --config.data.tokenizer=PATH'))
   return Loaded(cfg, s, params, tok, path)
 
 

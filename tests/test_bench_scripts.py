@@ -46,5 +46,4 @@ def test_bench_generate_reports_both_paths(tmp_path):
   assert [r['batch'] for r in rows] == [1, 2]
   for r in rows:
     assert r['cached_tokens_per_s'] > 0 and r['recompute_tokens_per_s'] > 0
-    assert r['cache_speedup'] == r['cached_tokens_per_s'] / r['recompute_tokens_per_s']
   assert proc.stdout.count('with cache') == 2

@@ -98,3 +98,37 @@ def test_sampling_is_reproducible_and_never_picks_padding(model):
   assert not np.array_equal(a, c)
   d = gen(prompt, 24, temperature=5.0, top_p=0.99, seed=1)[0]  # near-uniform sampling
   assert d.max() < model.setup.model_config.vocab_size  # 257 real ids of 384 padded
+
+
+def test_a_checkpoint_loads_when_where_its_run_started_is_gone(tmp_path):
+  """Evaluation and generation ignore the training run's resume / init_from paths."""
+  import json as json_lib
+  from shardlm import checkpoint
+  cfg = config.load('tiny')
+  for key, value in dict(model__num_layers=1, model__seq_len=32, train__init_from='/gone/params',
+                         train__resume='/gone/run', checkpoint__dir='/gone/ckpts').items():
+    config.override(cfg, key.replace('__', '.'), str(value))
+  runnable = config.load('tiny')  # the same model, without the paths (setup checks them)
+  for key, value in dict(model__num_layers=1, model__seq_len=32).items():
+    config.override(runnable, key.replace('__', '.'), str(value))
+  s = train.setup(runnable, jax.devices()[:1])
+  tok = ByteTokenizer()
+  meta = {'config': json_lib.loads(cfg.to_json()),
+          'tokenizer': {'name': tok.name, 'vocab_size': tok.vocab_size, 'eod_id': tok.eod_id,
+                        'fingerprint': tok.fingerprint},
+          'model': {'vocab_size': 257, 'padded_vocab': s.model_config.padded_vocab}}
+  out = checkpoint.save_params(tmp_path / 'params', s.init()['params'], meta)
+  m = inference.load(out, devices=jax.devices()[:1])
+  nll, _ = m.score(np.zeros((1, 33), np.int32))
+  assert nll.shape == (1, 32) and np.isfinite(nll).all()
+
+
+def test_a_left_padded_prompt_decodes_as_it_does_alone(model):
+  """In a batch, shorter prompts are left-padded: positions and the cache mask make that
+  invisible, so a prompt decodes the same with a longer neighbour as on its own."""
+  gen = model.generator()
+  short = np.frombuffer(b'x = f(', np.uint8).astype(np.int32)
+  long = np.frombuffer(b'import sys\nimport os\n', np.uint8).astype(np.int32)
+  together = gen([short, long], 10)
+  alone = gen([short], 10)
+  np.testing.assert_array_equal(together[0], alone[0])
