@@ -9,7 +9,6 @@ it as `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every proces
 its own shards and process 0 the metadata: the rename is the commit, so a directory named by a
 bare step number is complete, and a killed save leaves only a tmp directory (removed on restart).
 """
-import argparse
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # pinned: orbax < 0.13
 
-from shardlm.config import ConfigError
+from shardlm.config import ArgumentParser, ConfigError
 
 FORMAT = 1
 TRASH = '.trash'  # a name orbax never reads as a step
@@ -545,13 +544,8 @@ def export_params(directory, out) -> Path:
   return save_params(out, read_params_numpy(path)['params'], meta)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ConfigError(f'{message} (see python -m shardlm.checkpoint --help)')
-
-
 def main(argv=None):
-  parser = _Parser(prog='python -m shardlm.checkpoint', description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog='python -m shardlm.checkpoint', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('inspect', help='step, config, parameter count, arrays, size on disk')
   p.add_argument('dir', help='a checkpoint, a directory of them (the latest), or a run directory')

@@ -1,4 +1,5 @@
 """Config files (`get_config()` -> ConfigDict), `--config.a.b=value` overrides, validation."""
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -56,6 +57,13 @@ def defaults() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   """Bad user input: printed as one line on stderr, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are ConfigErrors: one line, exit status 2, as every bad input."""
+
+  def error(self, message):
+    raise ConfigError(f'{message} (see {self.prog} --help)')
 
 
 def config_path(name: str) -> Path:

@@ -7,7 +7,6 @@ restorable on any mesh, its config in the metadata and the tokenizer files in CK
 checkpoint -> config.json and safetensors (sharded above --max-shard-size) that transformers'
 `from_pretrained` loads.
 """
-import argparse
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from shardlm import config as config_lib
-from shardlm.config import ConfigError
+from shardlm.config import ArgumentParser, ConfigError
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
@@ -544,13 +543,8 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
 
 # -- python -m shardlm.convert ------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ConfigError(f'{message} (see python -m shardlm.convert --help)')
-
-
 def main(argv=None):
-  parser = _Parser(prog='python -m shardlm.convert', description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog='python -m shardlm.convert', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('from-hf',
                      help='a Hugging Face GPT-2 or BERT directory -> a shardlm checkpoint')
