@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shardlm.model.gpt import lm_loss
-from shardlm.model.layers import RESIDUAL, Embed, LayerNorm
+from shardlm.model.layers import RESIDUAL, Embed, LayerNorm, project
 from shardlm.model.transformer import Stack, TransformerConfig
 from shardlm.sharding import constrain
 
@@ -57,7 +57,7 @@ class BERT(nnx.Module):
     if self.ln_f is not None:
       x_btd = self.ln_f(x_btd)
 
-    d = lambda p, x: x @ p['kernel'][...].astype(c.dtype) + p['bias'][...].astype(c.dtype)
+    d = lambda p, x: project(x, p['kernel'][...].astype(c.dtype)) + p['bias'][...].astype(c.dtype)
     gelu = lambda x: jax.nn.gelu(x, approximate=c.gelu_approximate)
     h_btd = self.mlm['ln'](gelu(d(self.mlm['dense'], x_btd)))
     mlm_btv = self.wte.attend(h_btd) + self.mlm['bias'][...].astype(c.dtype)
