@@ -4,6 +4,7 @@
   python scripts/bench.py --config tiny --compare-torch         # + PyTorch/transformers GPT-2 step
   python scripts/bench.py --config tiny --config.model.num_layers=6 --config.model.hidden=512 \
       --config.model.num_heads=8 --compare-torch                # the 6-layer D=512 byte GPT
+  python scripts/bench.py --config tiny --profile               # + where the step's time goes
   python scripts/bench.py --attention --window 256              # local vs dense, T = 2048..16384
   python scripts/bench.py --generate --config.model.seq_len=1024 # decoding tokens/s, cache or not
 
@@ -11,9 +12,13 @@ Compile and warm-up are excluded; times are medians. On CPU, MFU is against the 
 matmul rate measured in the same run (XLA float32, and PyTorch's when it is installed).
 """
 import argparse
+import collections
+import glob
 import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -40,7 +45,57 @@ def torch_matmul_peak(n=1024, repeats=5):
   return 2 * n**3 / median_time(lambda: a @ a, repeats)
 
 
-def bench_step(cfg, repeats):
+def profile_ops(compiled, run, steps=5, top=25):
+  """Time of each compiled HLO op per step, from a jax.profiler trace of `steps` calls of `run`.
+
+  Each op is labelled with the JAX operation it came from (the HLO metadata) and its phase:
+  forward (`jvp`), backward (`transpose(jvp)`) or the rest (optimizer update, loss scaling).
+  Times are per device: summed over this process's devices, then divided by their number.
+  Returns the per-op rows (longest first) and the totals by phase and by XLA op kind.
+  """
+  meta = {}
+  for line in compiled.as_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name="([^"]+)"', line)
+    if m:
+      meta[m.group(1)] = (m.group(2), m.group(3))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+      run()
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  per_op = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in meta:
+          per_op[event.name] += event.duration_ns / 1e9 / steps / jax.local_device_count()
+  rows, phases, kinds = [], {}, {}
+  for name, seconds in per_op.most_common():
+    shape, op = meta[name]
+    phase = 'backward' if 'transpose(jvp' in op else 'forward' if 'jvp(' in op else 'update/other'
+    kind = re.sub(r'[._]\d+$', '', name)
+    phases[phase] = phases.get(phase, 0) + seconds
+    kinds[kind] = kinds.get(kind, 0) + seconds
+    rows.append({'op': name, 'seconds': seconds, 'shape': shape, 'phase': phase,
+                 'source': op.split('/', 1)[-1]})
+  return {'rows': rows, 'by_phase': dict(phases), 'by_kind': dict(kinds)}
+
+
+def print_profile(p, top=25):
+  total = sum(p['by_phase'].values())
+  print(f'profile: {total * 1e3:.1f} ms of ops per step; by phase: '
+        + ', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in
+                                     sorted(p['by_phase'].items(), key=lambda kv: -kv[1])))
+  print('  by op kind: ' + ', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in
+                                     sorted(p['by_kind'].items(), key=lambda kv: -kv[1])[:8]))
+  for r in p['rows'][:top]:
+    print(f"  {r['seconds'] * 1e3:7.2f} ms  {r['phase']:<12} {r['op']:<26} {r['shape'][:34]:<34} "
+          f"{r['source'][-70:]}")
+
+
+def bench_step(cfg, repeats, profile=False):
   s = train.setup(cfg)
   B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.model_config
   state = s.init()
@@ -54,9 +109,12 @@ def bench_step(cfg, repeats):
     jax.block_until_ready(metrics)
   dt = median_time(run, repeats)
   flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, m.padded_vocab)
-  return {'step_s': dt, 'tokens_per_s': B * T / dt, 'flops_per_s': flops / dt,
-          'tflops_per_device': flops / dt / jax.device_count() / 1e12,
-          'params': sum(x.size for x in jax.tree.leaves(state['params']))}
+  out = {'step_s': dt, 'tokens_per_s': B * T / dt, 'flops_per_s': flops / dt,
+         'tflops_per_device': flops / dt / jax.device_count() / 1e12,
+         'params': sum(x.size for x in jax.tree.leaves(holder[0]['params']))}
+  if profile:
+    out['profile'] = profile_ops(step, run)
+  return out
 
 
 def bench_torch(cfg, repeats):
@@ -141,6 +199,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--compare-torch', action='store_true')
+  parser.add_argument('--profile', action='store_true',
+                      help="trace 5 steps and print where the step's time goes, op by op")
   parser.add_argument('--attention', action='store_true', help='time local vs dense attention')
   parser.add_argument('--window', type=int, default=256)
   parser.add_argument('--lengths', default='2048,4096,8192,16384')
@@ -174,12 +234,14 @@ def main():
         source = max(peaks, key=peaks.get)
         peak = peaks[source]
         results['matmul_peaks'] = peaks
-      r = bench_step(cfg, args.repeats)
+      r = bench_step(cfg, args.repeats, args.profile)
       r['mfu'] = r['flops_per_s'] / peak
       results.update(config=cfg.name, peak=peak, peak_source=source, step=r)
       print(f"{cfg.name}: {r['params']:,} params, step {r['step_s'] * 1e3:.1f} ms, "
             f"{r['tokens_per_s']:,.0f} tok/s, {r['tflops_per_device'] * 1e3:.1f} GFLOP/s/device, "
             f"MFU {100 * r['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+      if args.profile:
+        print_profile(r['profile'])
       if args.compare_torch:
         t = bench_torch(cfg, args.repeats)
         results['torch_step_s'] = t

@@ -47,3 +47,23 @@ def test_bench_generate_reports_both_paths(tmp_path):
   for r in rows:
     assert r['cached_tokens_per_s'] > 0 and r['recompute_tokens_per_s'] > 0
   assert proc.stdout.count('with cache') == 2
+
+
+def test_bench_profile_splits_the_step(tmp_path):
+  """`bench.py --profile` attributes the traced step's op time to forward, backward and the
+  update, op by op, each op named by the JAX operation it came from."""
+  out = tmp_path / 'step.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device: ops in sequence
+  proc = subprocess.run([sys.executable, str(ROOT / 'scripts/bench.py'), '--config.model.num_layers=1',
+                         '--profile', '--repeats', '2', '--out', str(out)],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  step = json.loads(out.read_text())['step']
+  p = step['profile']
+  assert p['by_phase']['forward'] > 0 and p['by_phase']['backward'] > 0
+  seconds = [r['seconds'] for r in p['rows']]
+  assert seconds == sorted(seconds, reverse=True)
+  assert any('dot_general' in r['source'] for r in p['rows'])
+  # The ops of one step take no more than the step itself (plus timer noise across threads).
+  assert 0 < sum(seconds) < 2 * step['step_s']
+  assert 'profile:' in proc.stdout and 'backward' in proc.stdout
