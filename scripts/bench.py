@@ -117,15 +117,17 @@ def bench_step(cfg, repeats, profile=False):
   return out
 
 
-def bench_torch(cfg, repeats):
-  """The same GPT-2 shape as a Hugging Face GPT2LMHeadModel, trained with AdamW in PyTorch."""
+def bench_torch(cfg, repeats, attention='sdpa'):
+  """The same GPT-2 shape as a Hugging Face GPT2LMHeadModel, trained with AdamW in PyTorch;
+  attention by torch's fused scaled_dot_product_attention ('sdpa', transformers' default) or
+  by plain matmuls and softmax ('eager')."""
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel
   m, B, T = cfg.model, cfg.data.batch_size, cfg.model.seq_len
   model = GPT2LMHeadModel(GPT2Config(
       vocab_size=m.vocab_size, n_positions=T, n_embd=m.hidden, n_layer=m.num_layers,
       n_head=m.num_heads, n_inner=m.mlp_dim or None, resid_pdrop=0.0, embd_pdrop=0.0,
-      attn_pdrop=0.0, activation_function='gelu_new'))
+      attn_pdrop=0.0, activation_function='gelu_new', attn_implementation=attention))
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
   ids = torch.randint(0, m.vocab_size, (B, T + 1))
 
@@ -199,6 +201,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--compare-torch', action='store_true')
+  parser.add_argument('--torch-attention', choices=('sdpa', 'eager'), default='sdpa',
+                      help="the PyTorch reference's attention (default: transformers' own default)")
   parser.add_argument('--profile', action='store_true',
                       help="trace 5 steps and print where the step's time goes, op by op")
   parser.add_argument('--attention', action='store_true', help='time local vs dense attention')
@@ -243,10 +247,10 @@ def main():
       if args.profile:
         print_profile(r['profile'])
       if args.compare_torch:
-        t = bench_torch(cfg, args.repeats)
+        t = bench_torch(cfg, args.repeats, args.torch_attention)
         results['torch_step_s'] = t
         results['jax_over_torch_speed'] = t / r['step_s']
-        print(f'PyTorch GPT2LMHeadModel step {t * 1e3:.1f} ms; shardlm is '
+        print(f'PyTorch GPT2LMHeadModel ({args.torch_attention} attention) step {t * 1e3:.1f} ms; shardlm is '
               f'{t / r["step_s"]:.2f}x the speed of PyTorch')
   if args.out:
     with open(args.out, 'w') as f:

@@ -67,3 +67,17 @@ def test_bench_profile_splits_the_step(tmp_path):
   # The ops of one step take no more than the step itself (plus timer noise across threads).
   assert 0 < sum(seconds) < 2 * step['step_s']
   assert 'profile:' in proc.stdout and 'backward' in proc.stdout
+
+
+def test_sop_probe_runs_and_refuses_gpt():
+  """`scripts/sop_probe.py` trains the sentence-order head alone and reports held-out accuracy
+  against what a constant prediction scores; a GPT config is refused with exit status 2."""
+  probe = [sys.executable, str(ROOT / 'scripts/sop_probe.py')]
+  proc = subprocess.run(probe + ['--steps', '4', '--evals', '2', '--eval-rows', '64',
+                                 '--config.data.batch_size=8'], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '64 held-out rows; a constant prediction scores' in proc.stdout
+  assert proc.stdout.count('held-out sop_acc') == 2
+  proc = subprocess.run(probe + ['--steps', '2', '--config', 'tiny'], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and 'needs a BERT config' in proc.stderr
