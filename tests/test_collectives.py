@@ -27,10 +27,13 @@ def megatron_violations(module, s, remat):
   data, model = s.mesh.shape['data'], s.mesh.shape['model']
   vocab = s.model_config.padded_vocab
   act = ('f32', (B // data, T, D))
+  # The projections are 2D matmuls over B x T rows, so an activation may travel flattened.
+  acts = [[act], [('f32', (B // data * T, D))]]
+  rows = {T, B // data * T, B * T}  # a logits array has one of these (and the vocabulary)
   problems = []
 
   def is_act_allreduce(i):
-    return i.op.startswith('all-reduce') and i.shapes == [act] and i.group_size == model
+    return i.op.startswith('all-reduce') and i.shapes in acts and i.group_size == model
 
   loops = [b for b in module.while_bodies if module.collectives(computation=b)]
   if len(loops) != 2:
@@ -50,7 +53,7 @@ def megatron_violations(module, s, remat):
     if i.op.startswith('all-gather'):
       problems.append(f'all-gather {i.shapes}: Megatron tensor parallelism never gathers')
     for _, dims in i.shapes:
-      if T in dims and (vocab in dims or vocab // model in dims):
+      if rows & set(dims) and (vocab in dims or vocab // model in dims):
         problems.append(f'{i.op} carries logits {dims}')
   return problems
 
