@@ -7,7 +7,7 @@ Data:      rows [CLS] A [SEP] B [SEP] of whole lines from the packed corpus, A a
            the time (the sentence-order label); 15% of A and B masked (80% [MASK], 10% random,
            10% kept). The byte tokenizer's 257 ids plus [CLS] [SEP] [MASK] [PAD] make 261.
 Expect:    the masked-LM validation loss falls from 5.65 at initialisation (ln 261 = 5.56)
-           to about 3.1 in 200 steps (about 1.5 minutes). Sentence-order accuracy stays at chance
+           to about 3.1 in 200 steps (1-1.5 minutes). Sentence-order accuracy stays at chance
            over this run (and over 1,500 steps): a model this small on bytes learns too little
            about code in minutes to tell two runs of lines apart. Trained on sentence order
            alone it starts to learn after about 600 steps (scripts/sop_probe.py; README).

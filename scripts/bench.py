@@ -9,7 +9,7 @@
   python scripts/bench.py --generate --config.model.seq_len=1024 # decoding tokens/s, cache or not
 
 Compile and warm-up are excluded; times are medians. On CPU, MFU is against the best
-matmul rate measured in the same run, before and after the timed steps (XLA float32, and
+matmul rate measured in the same run (XLA float32 before and after the timed steps, and
 PyTorch's when it is installed).
 """
 import argparse
@@ -56,9 +56,10 @@ def profile_ops(compiled, run, steps=5, top=25):
   """
   meta = {}
   for line in compiled.as_text().splitlines():
-    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name="([^"]+)"', line)
-    if m:
-      meta[m.group(1)] = (m.group(2), m.group(3))
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(.*?op_name="([^"]+)"', line)
+    # Control flow (a scanned layer loop, a cond) encloses its body's ops: not counted twice.
+    if m and m.group(3) not in ('while', 'conditional', 'call'):
+      meta[m.group(1)] = (m.group(2), m.group(4))
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(steps):

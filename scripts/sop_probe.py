@@ -27,15 +27,19 @@ def main():
   parser.add_argument('--eval-rows', type=int, default=1024)
   args, rest = parser.parse_known_args()
   try:
+    if args.steps < 1 or args.evals < 1 or args.eval_rows < 1:
+      raise config_lib.ConfigError('--steps, --evals and --eval-rows must be >= 1')
+    if any(a.startswith('--config.train.steps') for a in rest):
+      raise config_lib.ConfigError('set the number of steps with --steps, not --config.train.steps')
     cfg = config_lib.parse_args(['--config', 'bert_tiny', *rest])  # a later --config wins
     config_lib.override(cfg, 'train.steps', str(args.steps))
     if cfg.model.kind != 'bert':
       raise config_lib.ConfigError(f'model.kind={cfg.model.kind}: the probe needs a BERT config')
+    s = train.setup(cfg, jax.devices()[:1])
+    _, train_rows, val_rows = train.make_data(cfg, tokenizer_lib.get_tokenizer(cfg.data.tokenizer))
   except config_lib.ConfigError as e:
     print(f'shardlm: error: {e}', file=sys.stderr)
     sys.exit(2)
-  s = train.setup(cfg, jax.devices()[:1])
-  _, train_rows, val_rows = train.make_data(cfg, tokenizer_lib.get_tokenizer(cfg.data.tokenizer))
   B = cfg.data.batch_size
 
   def unmasked(batch):
@@ -47,10 +51,10 @@ def main():
   print(f'{len(labels)} held-out rows; a constant prediction scores '
         f'{max(labels.mean(), 1 - labels.mean()):.3f}', flush=True)
   state, t0 = s.init(), time.perf_counter()
-  every = max(1, args.steps // args.evals)
+  at = set(np.linspace(0, args.steps, args.evals + 1).round().astype(int)[1:])
   for step in range(args.steps):
     state, metrics = s.step(state, unmasked(train_rows.rows(step, 0, B)))
-    if (step + 1) % every == 0 or step + 1 == args.steps:
+    if step + 1 in at:
       acc = np.mean([float(s.eval_metrics(state['params'], unmasked(b))[1]['sop_acc']) for b in val])
       print(f'step {step + 1:>6} | held-out sop_acc {acc:.3f} | train sop_loss '
             f'{float(metrics["sop_loss"]):.4f} | {time.perf_counter() - t0:.0f}s', flush=True)

@@ -62,7 +62,6 @@ def test_bench_profile_splits_the_step(tmp_path):
   p = step['profile']
   assert p['by_phase']['forward'] > 0 and p['by_phase']['backward'] > 0
   seconds = [r['seconds'] for r in p['rows']]
-  assert seconds == sorted(seconds, reverse=True)
   assert any('dot_general' in r['source'] for r in p['rows'])
   # The ops of one step take no more than the step itself (plus timer noise across threads).
   assert 0 < sum(seconds) < 2 * step['step_s']

@@ -18,10 +18,13 @@ def project(x, kernel, n_in=1):
   The same product as an einsum, but XLA:CPU gives the weight gradient of a matmul whose rows
   span several dimensions (B and T) a transposed copy of the activations first; flattened to
   rows it does not (one MLP's forward+backward: 23.7 -> 10.5 ms on a 2-core CPU).
-  The reshapes are free (row-major, leading dimensions merged) on every backend.
+  The merged rows keep the batch sharding as long as 'length' is not split over a mesh axis
+  (no preset splits it); a rule table that splits it would make the partitioner reshard here.
   """
   k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
+  if x.shape[x.ndim - n_in:] != k_in:
+    raise ValueError(f'project: input dims {x.shape[x.ndim - n_in:]} != kernel input dims {k_in}')
   y = x.reshape(-1, math.prod(k_in)) @ kernel.reshape(math.prod(k_in), math.prod(k_out))
   return y.reshape(*lead, *k_out)
 
@@ -114,7 +117,8 @@ class SelfAttention(nnx.Module):
     [L, B, S, N, H], all layers) the new keys and values are written at layer `decode['layer']`,
     position `decode['pos']`, and the queries attend over that layer's cache; returns (output,
     updated cache) then."""
-    # Heads first in the flattened output ([D, N, 3, H]: a small copy of the kernel), so that
+    # Heads first in the flattened output ([D, N, 3, H]: a copy of the kernel, small next to
+    # the activations), so that
     # heads split over the model axis stay split through the 2D matmul, with no gathering.
     kernel = self.qkv['kernel'][...].astype(self.dtype).transpose(0, 2, 1, 3)
     qkv = project(x_btd, kernel) + self.qkv['bias'][...].astype(self.dtype).transpose(1, 0, 2)
