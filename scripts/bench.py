@@ -46,7 +46,7 @@ def torch_matmul_peak(n=1024, repeats=5):
   return 2 * n**3 / median_time(lambda: a @ a, repeats)
 
 
-def profile_ops(compiled, run, steps=5, top=25):
+def profile_ops(compiled, run, steps=5):
   """Time of each compiled HLO op per step, from a jax.profiler trace of `steps` calls of `run`.
 
   Each op is labelled with the JAX operation it came from (the HLO metadata) and its phase:

@@ -118,8 +118,8 @@ class SelfAttention(nnx.Module):
     position `decode['pos']`, and the queries attend over that layer's cache; returns (output,
     updated cache) then."""
     # Heads first in the flattened output ([D, N, 3, H]: a copy of the kernel, small next to
-    # the activations), so that
-    # heads split over the model axis stay split through the 2D matmul, with no gathering.
+    # the activations), so that heads split over the model axis stay split through the 2D
+    # matmul, with no gathering.
     kernel = self.qkv['kernel'][...].astype(self.dtype).transpose(0, 2, 1, 3)
     qkv = project(x_btd, kernel) + self.qkv['bias'][...].astype(self.dtype).transpose(1, 0, 2)
     qkv = constrain(checkpoint_name(qkv, 'qkv'), ('batch', 'length', 'act_heads', None, None))
