@@ -8,8 +8,8 @@ Recipe:    Megatron-LM's BERT schedule: global batch 1024 x 512, lr 1e-4, 10k wa
            over 2M steps, weight decay 0.01, pre-LN (stable at this size), bf16 compute. Masked LM
            (15%, 80/10/10) and sentence-order prediction.
 Data:      add --config.data.tokenizer=bert/tokenizer.json (a WordPiece vocabulary of 30522 with
-           [CLS] [SEP] [MASK] [PAD]) --config.data.paths="('data/mycorpus',)" (README, "Your own
-           data"); without them it trains on the byte-level standard library, good for layout and
+           [CLS] [SEP] [MASK] [PAD]) --config.data.paths="('data/mycorpus',)" (docs/data.md);
+           without them it trains on the byte-level standard library, good for layout and
            throughput checks only.
 """
 from shardlm.config import defaults

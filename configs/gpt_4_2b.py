@@ -2,12 +2,13 @@
 
 Command:   python -m shardlm.train --config gpt_4_2b.py
 Hardware:  groups of 4 GPUs: 4-way tensor parallel (Megatron-LM Table 1).
-Layout:    mesh.model=4 (Megatron tensor parallel inside a node), data parallel across copies; add --config.mesh.fsdp=N to shard parameters
-           and optimizer state ZeRO-3 style when memory is short.
+Layout:    mesh.model=4 (Megatron tensor parallel inside a node), data parallel across copies;
+           add --config.mesh.fsdp=N to shard parameters and optimizer state ZeRO-3 style when
+           memory is short.
 Recipe:    Megatron-LM's GPT-2 schedule: global batch 512 x 1024, lr 1.5e-4, 3k warmup, cosine
            to 1e-5 over 300k steps, weight decay 0.01, bf16 compute. GPT-2's 50257 ids are padded
            to a multiple of 128 x mesh.model. Data: add --config.data.tokenizer=gpt2/tokenizer.json
-           --config.data.paths="('data/mycorpus',)" (README, "Your own data"); without them it
+           --config.data.paths="('data/mycorpus',)" (docs/data.md); without them it
            trains on the byte-level standard library, good for layout and throughput checks only.
 """
 from shardlm.config import defaults

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardlm import config as config_lib, perf, train
+from shardlm import config as config_lib, perf, runtime, train
 from shardlm.model.attention import local_attention
 
 
@@ -99,7 +99,7 @@ def print_profile(p, top=25):
 
 def bench_step(cfg, repeats, profile=False):
   s = train.setup(cfg)
-  B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.model_config
+  B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.rt.model_config
   state = s.init()
   tokens = jax.device_put(np.random.default_rng(0).integers(0, m.vocab_size, (B, T + 1), np.int32),
                           s.batch_sharding)
@@ -172,9 +172,9 @@ def bench_generate(cfg, new_tokens, prompt_len, batches):
   timed generation of `new_tokens` per batch size and path.
   """
   from shardlm.generate import Generator
-  s = train.setup(cfg)
-  m = s.model_config
-  gen = Generator(s.graphdef, s.init()['params'], s.mesh, s.rules, m, eod_id=-1)
+  rt = runtime.build(cfg)
+  m = rt.model_config
+  gen = Generator(rt, rt.init_params(cfg.train.seed), eod_id=-1)
   rng = np.random.default_rng(0)
   rows = []
   for B in batches:

@@ -79,7 +79,7 @@ def main():
 
 def bench(cfg, root: Path, saves: int, steps: int) -> dict:
   s = train.setup(cfg)
-  B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.model_config
+  B, T, m = cfg.data.batch_size, cfg.model.seq_len, s.rt.model_config
   tokens = jax.device_put(np.random.default_rng(0).integers(0, m.vocab_size, (B, T + 1), np.int32),
                           s.batch_sharding)
   state = s.init()
@@ -97,7 +97,8 @@ def bench(cfg, root: Path, saves: int, steps: int) -> dict:
     state, metrics = step_fn(state, tokens)
     jax.block_until_ready(metrics)
 
-  ckpt = checkpoint.Checkpoints(cfg, root / 'run', s, ByteTokenizer())
+  target = s.target()  # the train state on this mesh
+  ckpt = checkpoint.Checkpoints(cfg, root / 'run', ByteTokenizer(), target)
   one_step()
   ckpt.save(int(state['step']), state)  # the first save also sets orbax up; not timed
   ckpt._manager.wait_until_finished()
@@ -147,7 +148,7 @@ def bench(cfg, root: Path, saves: int, steps: int) -> dict:
   restore_s = []
   for _ in range(2):
     t = time.perf_counter()
-    restored, _, _ = checkpoint.Checkpoints(cfg, root / 'other', s, ByteTokenizer()).restore()
+    restored, _, _ = checkpoint.Checkpoints(cfg, root / 'other', ByteTokenizer(), target).restore()
     jax.block_until_ready(restored)
     restore_s.append(time.perf_counter() - t)
     del restored

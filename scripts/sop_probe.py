@@ -36,7 +36,7 @@ def main():
     if cfg.model.kind != 'bert':
       raise config_lib.ConfigError(f'model.kind={cfg.model.kind}: the probe needs a BERT config')
     s = train.setup(cfg, jax.devices()[:1])
-    _, train_rows, val_rows = train.make_data(cfg, tokenizer_lib.get_tokenizer(cfg.data.tokenizer))
+    _, train_rows, val_rows = train.make_data(cfg, s.rt, tokenizer_lib.get_tokenizer(cfg.data.tokenizer))
   except config_lib.ConfigError as e:
     print(f'shardlm: error: {e}', file=sys.stderr)
     sys.exit(2)

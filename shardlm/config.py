@@ -1,12 +1,13 @@
 """Config files (`get_config()` -> ConfigDict), `--config.a.b=value` overrides, validation."""
-import argparse
 import ast
 import difflib
 import importlib.util
-import math
+import traceback
 from pathlib import Path
 
 import ml_collections
+
+from shardlm.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 SECTIONS = ('model', 'mesh', 'sharding', 'data', 'optimizer', 'train', 'checkpoint', 'log')
@@ -55,17 +56,6 @@ def defaults() -> ml_collections.ConfigDict:
   ))
 
 
-class ConfigError(ValueError):
-  """Bad user input: printed as one line on stderr, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are ConfigErrors: one line, exit status 2, as every bad input."""
-
-  def error(self, message):
-    raise ConfigError(f'{message} (see {self.prog} --help)')
-
-
 def config_path(name: str) -> Path:
   """A path as given, else a bare name (with or without `.py`) looked up in configs/."""
   p = Path(name)
@@ -84,20 +74,60 @@ def config_path(name: str) -> Path:
 
 
 def load(name: str) -> ml_collections.ConfigDict:
-  """Loads a config file by path or bare name and records where it came from."""
+  """Loads a config file by path or bare name, checks it against the defaults' schema, and records
+  where it came from. A file that fails to run is one error line, not a traceback."""
   path = config_path(name)
   spec = importlib.util.spec_from_file_location(f'shardlm_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'config file {path} has no get_config() function')
-  cfg = module.get_config()
-  missing = [s for s in SECTIONS if s not in cfg]
-  if missing:
-    raise ConfigError(f"config {path} lacks section(s) {', '.join(missing)}; "
-                      f"every config has {', '.join(SECTIONS)}")
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise ConfigError(f'config file {path} has no get_config() function')
+    cfg = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # a config file is user code: any error in it is bad input
+    raise ConfigError(f'config file {path} fails to load: {_where(e, path)}{type(e).__name__}: '
+                      f'{" ".join(str(e).split())[:300]}') from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'config file {path}: get_config() returned a {type(cfg).__name__}, not a '
+                      'ConfigDict (start from shardlm.config.defaults())')
+  check_schema(cfg, f'config file {path}')
   cfg.name = path.stem
   return cfg
+
+
+def _where(error: Exception, path: Path) -> str:
+  """'line N: ' of the config file where `error` arose, if it did."""
+  if isinstance(error, SyntaxError) and error.lineno:
+    return f'line {error.lineno}: '
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if Path(f.filename).resolve() == path.resolve()]
+  return f'line {lines[-1]}: ' if lines else ''
+
+
+def check_schema(cfg: ml_collections.ConfigDict, where: str = 'config') -> None:
+  """Every section of the defaults is there, and every key set is one the defaults have.
+
+  The `mesh` section is the one place that takes new keys: each is a mesh axis (an integer size);
+  shardlm.sharding then requires a rule that uses it, so a misspelt axis is still an error.
+  """
+  reference = defaults()
+  missing = [s for s in SECTIONS if s not in cfg]
+  if missing:
+    raise ConfigError(f"{where} lacks section(s) {', '.join(missing)}; every config has "
+                      f"{', '.join(SECTIONS)} (start from shardlm.config.defaults())")
+  valid = list(_all_keys(reference))
+  for key in _all_keys(cfg):
+    if key == 'name' or key in valid:
+      continue
+    section, _, rest = key.partition('.')
+    if section == 'mesh' and rest and '.' not in rest:
+      if isinstance(cfg.mesh[rest], bool) or not isinstance(cfg.mesh[rest], int):
+        raise ConfigError(f'{where} sets mesh.{rest}={cfg.mesh[rest]!r}; a mesh axis size is an '
+                          'integer')
+      continue
+    raise ConfigError(f"{where} sets unknown config key '{key}'{_hint(key, valid)}")
 
 
 def _all_keys(cfg, prefix=''):
@@ -107,6 +137,13 @@ def _all_keys(cfg, prefix=''):
       yield from _all_keys(v, key + '.')
     else:
       yield key
+
+
+def _hint(key: str, valid: list[str]) -> str:
+  """'; did you mean: a.b, c.b?': the closest keys, and the same key name in other sections."""
+  hint = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+  hint += [k for k in valid if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1] and k not in hint]
+  return f"; did you mean: {', '.join(hint)}?" if hint else ''
 
 
 def _parse_value(key: str, raw: str, current):
@@ -150,11 +187,7 @@ def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   for i, part in enumerate(parts):
     is_last = i == len(parts) - 1
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      valid = list(_all_keys(cfg))
-      hint = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
-      hint += [k for k in valid if k.rsplit('.', 1)[-1] == parts[-1] and k not in hint]
-      raise ConfigError(f"unknown config key '{key}'"
-                        + (f"; did you mean: {', '.join(hint)}?" if hint else '')
+      raise ConfigError(f"unknown config key '{key}'{_hint(key, list(_all_keys(cfg)))}"
                         + f" (see `python -m shardlm.train --config {cfg.get('name', 'NAME')} --show`"
                         " for all keys)")
     if is_last:
@@ -195,115 +228,3 @@ def parse_args(argv: list[str]) -> ml_collections.ConfigDict:
   for key, raw in overrides:
     override(cfg, key, raw)
   return cfg
-
-
-def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, model) sizes with a single -1 filled in; must multiply to num_devices."""
-  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model]
-  names = ('data', 'fsdp', 'model')
-  for n, s in zip(names, sizes):
-    if s == 0 or s < -1:
-      raise ConfigError(f'mesh.{n}={s}: a mesh axis size is a positive integer or -1')
-  if sizes.count(-1) > 1:
-    raise ConfigError(f'mesh {dict(zip(names, sizes))}: at most one axis may be -1')
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ConfigError(f'mesh {dict(zip(names, sizes))}: the fixed axes ({known}) do not divide '
-                        f'the {num_devices} devices')
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ConfigError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} = '
-                      f'{math.prod(sizes)} devices, but {num_devices} are available; '
-                      'make the product equal the device count or set one axis to -1')
-  return tuple(sizes)
-
-
-def padded_vocab(cfg, model_axis: int) -> int:
-  """Vocabulary padded to a multiple of vocab_multiple x model-axis size (Megatron's rule)."""
-  m = cfg.model.vocab_multiple * model_axis
-  return -(-cfg.model.vocab_size // m) * m if m else cfg.model.vocab_size
-
-
-def validate(cfg, num_devices: int) -> tuple[int, int, int]:
-  """Checks the config against the device count before anything is compiled."""
-  shape = mesh_shape(cfg, num_devices)
-  data, fsdp, model = shape
-  m = cfg.model
-  for key in ('num_layers', 'hidden', 'num_heads', 'seq_len', 'vocab_size'):
-    if m[key] <= 0:
-      raise ConfigError(f'model.{key}={m[key]} must be positive')
-  if m.hidden % m.num_heads:
-    raise ConfigError(f'model.hidden={m.hidden} is not divisible by model.num_heads={m.num_heads}')
-  if m.num_heads % model:
-    raise ConfigError(f'model.num_heads={m.num_heads} is not divisible by mesh.model={model}; '
-                      f'choose mesh.model among {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]}')
-  mlp = m.mlp_dim or 4 * m.hidden
-  if mlp % model:
-    raise ConfigError(f'model.mlp_dim={mlp} is not divisible by mesh.model={model}')
-  if m.vocab_multiple < 0:
-    raise ConfigError(f'model.vocab_multiple={m.vocab_multiple} must be >= 0 (0 turns padding off)')
-  if m.vocab_multiple == 0 and m.vocab_size % model:
-    raise ConfigError(f'model.vocab_size={m.vocab_size} is not divisible by mesh.model={model} and '
-                      'vocabulary padding is off (model.vocab_multiple=0); set model.vocab_multiple=128')
-  if m.attention != 'dense' and m.window <= 0:
-    raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
-  if m.mlp_dim < 0:
-    raise ConfigError(f'model.mlp_dim={m.mlp_dim} must be >= 0 (0 means 4 x model.hidden)')
-  if m.kind == 'bert' and m.attention != 'dense':
-    raise ConfigError(f"model.attention='{m.attention}' is causal; BERT (model.kind='bert') "
-                      "attends both ways: use model.attention='dense'")
-  if m.post_ln and m.kind != 'bert':
-    raise ConfigError("model.post_ln=True is for BERT (model.kind='bert'); GPT is pre-LN")
-  if m.kind == 'bert' and m.seq_len < 8:
-    raise ConfigError(f'model.seq_len={m.seq_len}: a BERT row needs at least 8 positions '
-                      '([CLS] A [SEP] B [SEP])')
-  if not 0 < cfg.data.mlm_prob < 1:
-    raise ConfigError(f'data.mlm_prob={cfg.data.mlm_prob} must be between 0 and 1 (BERT: 0.15)')
-  for key, allowed in (('kind', ('gpt', 'bert')),
-                       ('remat', ('none', 'full', 'selective')),
-                       ('attention', ('dense', 'local', 'alternating')),
-                       ('dtype', ('float32', 'bfloat16', 'float16')),
-                       ('param_dtype', ('float32', 'bfloat16'))):
-    if m[key] not in allowed:
-      raise ConfigError(f"model.{key}='{m[key]}' is not one of {', '.join(allowed)}")
-  positive = {'data.batch_size': cfg.data.batch_size, 'log.every': cfg.log.every,
-              'train.eval_batches': cfg.train.eval_batches, 'train.steps': cfg.train.steps}
-  for key, value in positive.items():
-    if value <= 0:
-      raise ConfigError(f'{key}={value} must be a positive integer')
-  if cfg.train.eval_every < 0:
-    raise ConfigError(f'train.eval_every={cfg.train.eval_every} must be >= 0 (0: only at the start and end)')
-  from shardlm.data import loader  # late: imports jax
-  loader.check_config(cfg.data)
-  batch_shards = data * fsdp
-  if cfg.data.batch_size % batch_shards:
-    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'mesh.data x mesh.fsdp = {batch_shards}')
-  o = cfg.optimizer
-  if o.grad_accum_steps < 1 or cfg.data.batch_size % (o.grad_accum_steps * batch_shards):
-    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'optimizer.grad_accum_steps={o.grad_accum_steps} x mesh.data x mesh.fsdp '
-                      f'= {o.grad_accum_steps * batch_shards}: each micro-batch spans every '
-                      'data-parallel device')
-  if o.loss_scale < 0 or o.min_loss_scale <= 0 or o.loss_scale_window < 1 or o.hysteresis < 1:
-    raise ConfigError('optimizer.loss_scale >= 0, min_loss_scale > 0, loss_scale_window >= 1 and '
-                      'hysteresis >= 1 are required')
-  if o.schedule not in ('cosine', 'linear', 'constant'):
-    raise ConfigError(f"optimizer.schedule='{o.schedule}' is not one of cosine, linear, constant")
-  if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-    raise ConfigError(f'optimizer.lr={o.lr}, optimizer.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0')
-  c = cfg.checkpoint
-  if c.every < 0 or c.keep_every < 0 or c.keep < 1:
-    raise ConfigError(f'checkpoint.every={c.every}, checkpoint.keep={c.keep}, checkpoint.keep_every='
-                      f'{c.keep_every}: need every >= 0 (0: only at the end), keep >= 1, keep_every >= 0')
-  resume = cfg.train.resume
-  if resume not in ('auto', 'none') and not Path(resume).is_dir():
-    raise ConfigError(f"train.resume='{resume}' is not a directory; give a checkpoint "
-                      "(RUN_DIR/checkpoints/STEP) or a directory of them, 'auto' or 'none'")
-  if cfg.train.init_from and not Path(cfg.train.init_from).is_dir():
-    raise ConfigError(f"train.init_from='{cfg.train.init_from}' is not a directory; give a "
-                      'checkpoint (RUN_DIR/checkpoints/STEP, an export-params or convert output)')
-  from shardlm import sharding  # late: sharding imports jax
-  sharding.rules_from_config(cfg)  # raises ConfigError on a bad preset or rule
-  return shape

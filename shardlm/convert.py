@@ -11,16 +11,18 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
+import jax
 import ml_dtypes  # registers bfloat16 with numpy, so safetensors' numpy reader can hand it out
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from shardlm import config as config_lib
-from shardlm.config import ArgumentParser, ConfigError
+from shardlm import checkpoint, config as config_lib, errors, kinds, runtime
+from shardlm.data import tokenizer as tokenizer_lib
+from shardlm.errors import ArgumentParser, ConfigError
+from shardlm.hf import HFFormat
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
@@ -28,162 +30,12 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
                    'spiece.model', 'sentencepiece.bpe.model')
 PICKLED = ('*.bin', '*.pt', '*.pth', '*.ckpt', '*.pkl')
 VOCAB_ROWS = ('wte.embedding', 'mlm.bias')  # padded on axis 0
-ARCHITECTURES = {'gpt2': ('GPT2LMHeadModel', 'GPT2Model'),
-                 'bert': ('BertForPreTraining', 'BertForMaskedLM')}
-PREFIX = {'gpt2': 'transformer.', 'bert': 'bert.'}
-# Buffers and tied copies that old or head-carrying checkpoints hold besides the weights.
-IGNORED = re.compile(r'h\.\d+\.attn\.(bias|masked_bias)|embeddings\.position_ids')
-
-
-# -- name tables --------------------------------------------------------------------------------
-# Rows of (shardlm leaf, HF tensor names, HF -> shardlm, shardlm -> HF). Layer rows name one
-# layer: shardlm stacks L of them on axis 0 under h.blocks. GPT-2's Conv1D weights are [in, out]
-# and c_attn is q|k|v, each head-major, so [D, 3D] is [D, 3, N, H] reshaped; BERT's Linear
-# weights are [out, in].
-
-def _same(*names):
-  return [(ours, (theirs,), lambda a: a, lambda a: (a,)) for ours, theirs in names]
-
-
-def _linear(ours, theirs):  # BERT Linear [out, in] <-> shardlm kernel [in, out]
-  return (ours, (theirs,), lambda w: w.T, lambda k: (k.T,))
-
-
-def _norm(ours, theirs):
-  return _same((f'{ours}.scale', f'{theirs}.weight'), (f'{ours}.bias', f'{theirs}.bias'))
-
-
-def _gpt2_tables(D, N, H):
-  layer = [*_norm('ln_1', 'ln_1'), *_norm('ln_2', 'ln_2'),
-           ('attn.qkv.kernel', ('attn.c_attn.weight',), lambda w: w.reshape(D, 3, N, H),
-            lambda k: (k.reshape(D, 3 * D),)),
-           ('attn.qkv.bias', ('attn.c_attn.bias',), lambda b: b.reshape(3, N, H),
-            lambda b: (b.reshape(3 * D),)),
-           ('attn.out.kernel', ('attn.c_proj.weight',), lambda w: w.reshape(N, H, D),
-            lambda k: (k.reshape(D, D),)),
-           *_same(('attn.out.bias', 'attn.c_proj.bias'), ('mlp.fc.kernel', 'mlp.c_fc.weight'),
-                  ('mlp.fc.bias', 'mlp.c_fc.bias'), ('mlp.proj.kernel', 'mlp.c_proj.weight'),
-                  ('mlp.proj.bias', 'mlp.c_proj.bias'))]
-  top = [*_same(('wte.embedding', 'wte.weight'), ('wpe', 'wpe.weight')), *_norm('ln_f', 'ln_f')]
-  return layer, top
-
-
-def _bert_tables(D, N, H):
-  qkv = tuple(f'attention.self.{x}' for x in ('query', 'key', 'value'))
-  layer = [('attn.qkv.kernel', tuple(f'{x}.weight' for x in qkv),
-            lambda *w: np.stack([x.T for x in w], 1).reshape(D, 3, N, H),
-            lambda k: tuple(k.reshape(D, 3, D)[:, c].T for c in range(3))),
-           ('attn.qkv.bias', tuple(f'{x}.bias' for x in qkv),
-            lambda *b: np.stack(b).reshape(3, N, H), lambda b: tuple(b.reshape(3, D))),
-           ('attn.out.kernel', ('attention.output.dense.weight',),
-            lambda w: w.T.reshape(N, H, D), lambda k: (k.reshape(D, D).T,)),
-           *_same(('attn.out.bias', 'attention.output.dense.bias')),
-           *_norm('ln_1', 'attention.output.LayerNorm'),  # post-LN: ln_1(x + attn(x))
-           _linear('mlp.fc.kernel', 'intermediate.dense.weight'),
-           *_same(('mlp.fc.bias', 'intermediate.dense.bias')),
-           _linear('mlp.proj.kernel', 'output.dense.weight'),
-           *_same(('mlp.proj.bias', 'output.dense.bias')),
-           *_norm('ln_2', 'output.LayerNorm')]
-  top = [*_same(('wte.embedding', 'embeddings.word_embeddings.weight'),
-                ('wpe', 'embeddings.position_embeddings.weight'),
-                ('wtt', 'embeddings.token_type_embeddings.weight')),
-         *_norm('ln_e', 'embeddings.LayerNorm'),
-         _linear('mlm.dense.kernel', 'cls.predictions.transform.dense.weight'),
-         *_same(('mlm.dense.bias', 'cls.predictions.transform.dense.bias')),
-         *_norm('mlm.ln', 'cls.predictions.transform.LayerNorm'),
-         *_same(('mlm.bias', 'cls.predictions.bias')),
-         # BertForMaskedLM has neither: they are drawn fresh on import and left out on export.
-         _linear('pooler.kernel', 'pooler.dense.weight'),
-         *_same(('pooler.bias', 'pooler.dense.bias')),
-         # shardlm's sentence-order head in HF's next-sentence slot (same shape, [D] -> 2).
-         _linear('sop.kernel', 'cls.seq_relationship.weight'),
-         *_same(('sop.bias', 'cls.seq_relationship.bias'))]
-  return layer, top
-
-
-def _tables(model_type, model):
-  D, N = model['hidden'], model['num_heads']
-  return (_gpt2_tables if model_type == 'gpt2' else _bert_tables)(D, N, D // N)
-
-
-def _layer_name(model_type, i, name):
-  return f'h.{i}.{name}' if model_type == 'gpt2' else f'encoder.layer.{i}.{name}'
-
-
-def _is_head(name):  # BERT's heads sit outside the base model: no `bert.` prefix
-  return name.startswith('cls.')
-
-
-# -- config.json <-> shardlm config -------------------------------------------------------------
-
-def _need(hf: dict, where: str, *keys):
-  missing = [k for k in keys if hf.get(k) is None]
-  if missing:
-    raise ConfigError(f"{where} lacks {', '.join(missing)}")
-  return [hf[k] for k in keys]
-
-
-def _check(hf: dict, where: str, key: str, allowed, why: str):
-  value = hf.get(key, allowed[0])
-  if value not in allowed:
-    raise ConfigError(f'{where}: {key}={json.dumps(value)} is not supported ({why}; shardlm '
-                      f"needs {' or '.join(json.dumps(a) for a in allowed)})")
-
-
-def _model_from_hf(hf: dict, where: str) -> dict:
-  """shardlm model keys for a GPT-2 or BERT config.json; refuses what shardlm computes otherwise."""
-  if hf['model_type'] == 'gpt2':
-    _check(hf, where, 'activation_function', ('gelu_new', 'gelu_pytorch_tanh'),
-           "shardlm's GPT uses GPT-2's tanh-approximate GELU")
-    _check(hf, where, 'scale_attn_weights', (True,), 'attention scores are scaled by 1/sqrt(H)')
-    _check(hf, where, 'scale_attn_by_inverse_layer_idx', (False,),
-           'scores are not scaled by layer depth')
-    _check(hf, where, 'add_cross_attention', (False,), 'no cross-attention')
-    L, D, N, V = _need(hf, where, 'n_layer', 'n_embd', 'n_head', 'vocab_size')
-    T = hf.get('n_positions') or _need(hf, where, 'n_ctx')[0]
-    return dict(kind='gpt', num_layers=L, hidden=D, num_heads=N, mlp_dim=hf.get('n_inner') or 0,
-                seq_len=T, vocab_size=V, init_std=hf.get('initializer_range', 0.02),
-                ln_eps=hf.get('layer_norm_epsilon', 1e-5), post_ln=False)
-  _check(hf, where, 'hidden_act', ('gelu',), "shardlm's BERT uses the exact (erf) GELU")
-  _check(hf, where, 'position_embedding_type', ('absolute',), 'learned absolute positions')
-  _check(hf, where, 'type_vocab_size', (2,), 'two token types (segments A and B)')
-  _check(hf, where, 'is_decoder', (False,), 'a bidirectional encoder')
-  _check(hf, where, 'add_cross_attention', (False,), 'no cross-attention')
-  L, D, N, F, T, V = _need(hf, where, 'num_hidden_layers', 'hidden_size', 'num_attention_heads',
-                           'intermediate_size', 'max_position_embeddings', 'vocab_size')
-  return dict(kind='bert', num_layers=L, hidden=D, num_heads=N, mlp_dim=F, seq_len=T,
-              vocab_size=V, init_std=hf.get('initializer_range', 0.02),
-              ln_eps=hf.get('layer_norm_eps', 1e-12), post_ln=True)
-
-
-def _hf_config(model: dict, vocab: int, architecture: str, dtype: str, eod, original) -> dict:
-  """config.json for a shardlm model: the imported one updated, or a new one."""
-  D, F = model['hidden'], model['mlp_dim'] or 4 * model['hidden']
-  if model['kind'] == 'gpt':
-    hf = dict(model_type='gpt2', n_layer=model['num_layers'], n_embd=D, n_head=model['num_heads'],
-              n_inner=None if F == 4 * D else F, n_positions=model['seq_len'], vocab_size=vocab,
-              activation_function='gelu_new', layer_norm_epsilon=model['ln_eps'])
-    new = dict(initializer_range=model['init_std'], scale_attn_weights=True,
-               bos_token_id=eod, eos_token_id=eod,
-               # shardlm trains without dropout
-               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-  else:
-    hf = dict(model_type='bert', num_hidden_layers=model['num_layers'], hidden_size=D,
-              num_attention_heads=model['num_heads'], intermediate_size=F,
-              max_position_embeddings=model['seq_len'], vocab_size=vocab, hidden_act='gelu',
-              type_vocab_size=2, layer_norm_eps=model['ln_eps'])
-    new = dict(initializer_range=model['init_std'], position_embedding_type='absolute',
-               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  out = dict(original) if original else {**new}
-  out.update(hf, architectures=[architecture], tie_word_embeddings=True, dtype=dtype)
-  if 'torch_dtype' in out:  # the spelling of transformers < 4.56
-    out['torch_dtype'] = dtype
-  return out
 
 
 # -- reading a Hugging Face directory -----------------------------------------------------------
 
-def _read_config(src: Path) -> dict:
+def _read_config(src: Path) -> tuple[dict, kinds.Kind, str]:
+  """(config.json, the model kind of its model_type, the architecture)."""
   if not src.is_dir():
     raise ConfigError(f'--model-dir {src} is not a directory')
   path = src / 'config.json'
@@ -197,22 +49,23 @@ def _read_config(src: Path) -> dict:
   if not isinstance(hf, dict):
     raise ConfigError(f'{path} is not a JSON object')
   model_type = hf.get('model_type')
-  if model_type not in ARCHITECTURES:
+  kind = kinds.by_hf_model_type(model_type)
+  if kind is None:
     raise ConfigError(f'{path}: model_type {json.dumps(model_type)} is not supported; shardlm '
-                      'converts gpt2 (GPT2LMHeadModel) and bert (BertForMaskedLM, '
-                      'BertForPreTraining)')
-  arch = (hf.get('architectures') or [ARCHITECTURES[model_type][0]])[0]
-  if arch not in ARCHITECTURES[model_type]:
+                      f"converts {' and '.join(k.hf.described for k in kinds.KINDS.values())}")
+  fmt = kind.hf
+  arch = (hf.get('architectures') or [fmt.architectures[0]])[0]
+  if arch not in fmt.architectures:
     raise ConfigError(f"{path}: architecture {arch} is not supported; for {model_type} shardlm "
-                      f"converts {', '.join(ARCHITECTURES[model_type])}"
-                      + (' (BertModel has no masked-LM head)' if arch == 'BertModel' else ''))
-  return hf
+                      f"converts {', '.join(fmt.architectures)}"
+                      + (f' ({fmt.refused[arch]})' if arch in fmt.refused else ''))
+  return hf, kind, arch
 
 
 class _Weights:
   """The tensors of a safetensors model directory by name (prefix stripped), read on demand."""
 
-  def __init__(self, src: Path, model_type: str, architecture: str):
+  def __init__(self, src: Path, fmt: HFFormat, architecture: str):
     index = src / 'model.safetensors.index.json'
     if index.is_file():
       try:
@@ -231,8 +84,7 @@ class _Weights:
              f"transformers import {architecture}; {architecture}.from_pretrained('{src}')"
              f".save_pretrained('{src}', safe_serialization=True)\"" if pickled else ''))
     self.where, self.dtypes, self.prefixed, self.used = {}, set(), False, set()
-    self.src, self.what = src, 'GPT-2' if model_type == 'gpt2' else 'BERT'
-    prefix = PREFIX[model_type]
+    self.src, self.what, prefix = src, fmt.display, fmt.prefix
     for name in files:
       path = src / name
       if not path.is_file():
@@ -267,27 +119,22 @@ class _Weights:
     return a
 
 
-def _check_tied(w: _Weights, head: str, embedding: str, what: str):
-  """A stored copy of a tied weight must equal the tensor it is tied to."""
-  if head in w:
-    if not np.array_equal(w[head], w[embedding]):
+def _check_tied(w: _Weights, fmt: HFFormat):
+  """Stand-ins fill in missing names; a stored copy of a tied weight must equal its original."""
+  for name, stand_in in fmt.aliases:
+    if name not in w and stand_in in w:
+      w.where[name] = w.where[stand_in]
+  for head, embedding, what in fmt.tied:
+    if head in w and not np.array_equal(w[head], w[embedding]):
       raise ConfigError(f'{w.src}: {head} differs from {embedding}; shardlm ties {what} to '
                         'the token embedding, so untied heads cannot be converted')
 
 
-def _params_from_hf(w: _Weights, model_type, architecture, model, abstract, where):
+def _params_from_hf(w: _Weights, fmt: HFFormat, architecture, model, abstract, where):
   """(parameters as the tree `abstract` describes, in numpy, names drawn fresh): HF tensors ->
   shardlm leaves, layers stacked on axis 0, the vocabulary padded with zero rows."""
-  import jax
-  if model_type == 'gpt2':
-    _check_tied(w, 'lm_head.weight', 'wte.weight', 'the LM head')
-  else:
-    _check_tied(w, 'cls.predictions.decoder.weight', 'embeddings.word_embeddings.weight',
-                'the masked-LM decoder')
-    if 'cls.predictions.bias' not in w and 'cls.predictions.decoder.bias' in w:
-      w.where['cls.predictions.bias'] = w.where['cls.predictions.decoder.bias']
-    _check_tied(w, 'cls.predictions.decoder.bias', 'cls.predictions.bias', 'the decoder bias')
-  layer_rows, top_rows = _tables(model_type, model)
+  _check_tied(w, fmt)
+  layer_rows, top_rows = fmt.rows(model)
   flat, fresh = {}, []
 
   def take(theirs, fwd, name):
@@ -301,11 +148,11 @@ def _params_from_hf(w: _Weights, model_type, architecture, model, abstract, wher
 
   for ours, theirs, fwd, _ in layer_rows:
     flat[f'h.blocks.{ours}'] = np.stack([
-        take(theirs, fwd, lambda t, i=i: _layer_name(model_type, i, t))
+        take(theirs, fwd, lambda t, i=i: fmt.layer_name(i, t))
         for i in range(model['num_layers'])])
   for ours, theirs, fwd, _ in top_rows:
-    if ours.split('.')[0] in ('pooler', 'sop') and not any(t in w for t in theirs):
-      fresh.append(ours)  # BertForMaskedLM: heads shardlm's BERT has and this model lacks
+    if ours.split('.')[0] in fmt.optional and not any(t in w for t in theirs):
+      fresh.append(ours)  # e.g. BertForMaskedLM: heads shardlm's BERT has and this model lacks
     else:
       flat[ours] = take(theirs, fwd, lambda t: t)
   rng = np.random.default_rng(0)
@@ -322,8 +169,9 @@ def _params_from_hf(w: _Weights, model_type, architecture, model, abstract, wher
       raise ConfigError(f'{w.src}: {name} would be {a.shape} but {where} makes it {spec.shape}')
     return a
   params = jax.tree_util.tree_map_with_path(leaf, abstract)
-  tied = ('lm_head.weight', 'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')
-  unused = sorted(n for n in set(w.where) - w.used if not IGNORED.fullmatch(n) and n not in tied)
+  tied = {head for head, _, _ in fmt.tied}
+  unused = sorted(n for n in set(w.where) - w.used
+                  if not fmt.ignored.fullmatch(n) and n not in tied)
   if unused:
     more = f' and {len(unused) - 4} more' if len(unused) > 4 else ''
     raise ConfigError(f"{w.src} holds tensors a plain {architecture} does not: "
@@ -338,20 +186,16 @@ def from_hf(model_dir, out) -> dict:
 
   Returns {'path', 'config', 'notes'}: what was written and what the user should know.
   """
-  import jax  # late: the error paths above need no JAX
-  from shardlm import checkpoint, train
-  from shardlm.data import tokenizer as tokenizer_lib
   src, out = Path(model_dir).resolve(), Path(out).resolve()
-  hf = _read_config(src)
+  hf, kind, architecture = _read_config(src)
   if out.exists():
     raise ConfigError(f'--out {out} already exists; choose a new directory for the checkpoint')
-  model_type, where, notes = hf['model_type'], f'{src}/config.json', []
-  architecture = (hf.get('architectures') or [ARCHITECTURES[model_type][0]])[0]
-  model = _model_from_hf(hf, where)
-  w = _Weights(src, model_type, architecture)
+  fmt, where, notes = kind.hf, f'{src}/config.json', []
+  model = dict(kind=kind.name, **fmt.from_config(hf, where))
+  w = _Weights(src, fmt, architecture)
 
   cfg = config_lib.defaults()
-  cfg.name = f'hf-{model_type}'
+  cfg.name = f'hf-{fmt.model_type}'
   cfg.model.update(model)
 
   # Tokenizer: a tokenizer.json is what shardlm reads (data.tokenizer); every tokenizer file
@@ -372,21 +216,20 @@ def from_hf(model_dir, out) -> dict:
                  'again to evaluate or generate')
   cfg.data.tokenizer = tokenizer['name']
   try:
-    s = train.setup(cfg, jax.devices()[:1])  # mesh model=1: the vocabulary padded to 128s
+    rt = runtime.build(cfg, jax.devices()[:1])  # mesh model=1: the vocabulary padded to 128s
   except ConfigError as e:
     raise ConfigError(f'{where} gives a model shardlm cannot build: {e}') from None
-  abstract = jax.eval_shape(s.init)['params']
 
-  params, fresh = _params_from_hf(w, model_type, architecture, model, abstract, where)
+  params, fresh = _params_from_hf(w, fmt, architecture, model, rt.abstract_params, where)
   if fresh:
     notes.append(f"{architecture} has no {' or '.join(sorted({f.split('.')[0] for f in fresh}))} "
-                 "weights: shardlm's BERT has them, so they start from random values "
+                 f"weights: shardlm's {fmt.display} has them, so they start from random values "
                  f'(N(0, {model["init_std"]})); to-hf leaves them out again')
   dtype = w.dtypes.pop() if len(w.dtypes) == 1 else 'float32'
 
   meta = {'config': json.loads(cfg.to_json()), 'tokenizer': tokenizer,
-          'model': {'vocab_size': model['vocab_size'], 'padded_vocab': s.model_config.padded_vocab},
-          'mesh': {'data': 1, 'fsdp': 1, 'model': 1}, 'processes': 1,
+          'model': {'vocab_size': model['vocab_size'], 'padded_vocab': rt.model_config.padded_vocab},
+          'mesh': dict(rt.mesh.shape), 'processes': 1,
           'hf': {'model_dir': str(src), 'architecture': architecture, 'dtype': dtype,
                  'prefixed': w.prefixed, 'fresh': fresh, 'config': hf,
                  'tokenizer_files': files}}
@@ -409,7 +252,6 @@ def from_hf(model_dir, out) -> dict:
 
 def _read_params(path: Path) -> dict:
   """Dotted name -> numpy array of every parameter of a params-only or train checkpoint."""
-  from shardlm import checkpoint
   return checkpoint.flat_names(checkpoint.read_params_numpy(path)['params'])
 
 
@@ -465,7 +307,6 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
 
   Returns {'path', 'architecture', 'files', 'notes'}.
   """
-  from shardlm import checkpoint
   out = Path(out).resolve()
   max_bytes = parse_size(max_shard_size)
   path = checkpoint.find(checkpoint_dir)
@@ -476,15 +317,10 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
   except checkpoint.Unreadable as e:
     raise ConfigError(f'checkpoint {path} cannot be read: {e}') from None
   model, hf_meta, notes = meta['config']['model'], meta.get('hf') or {}, []
-  kind = model.get('kind', 'gpt')
-  if kind == 'gpt' and model.get('attention', 'dense') != 'dense':
-    raise ConfigError(f"checkpoint {path} uses model.attention='{model['attention']}'; GPT-2 "
-                      'attends densely, so only dense-attention models convert')
-  if kind == 'bert' and not model.get('post_ln'):
-    raise ConfigError(f'checkpoint {path} is a pre-LN (Megatron) BERT; transformers BERT is the '
-                      'original post-LN one, so only model.post_ln=True BERTs convert')
-  model_type = 'gpt2' if kind == 'gpt' else 'bert'
-  architecture = hf_meta.get('architecture') or ARCHITECTURES[model_type][0]
+  kind = kinds.get(model.get('kind', 'gpt'))
+  fmt = kind.hf
+  fmt.check_export(model, path)
+  architecture = hf_meta.get('architecture') or fmt.architectures[0]
   dtype = dtype or hf_meta.get('dtype') or model.get('param_dtype', 'float32')
   if dtype not in DTYPES:
     raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
@@ -494,10 +330,10 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
   for name in VOCAB_ROWS:  # drop the padding rows
     if name in flat:
       flat[name] = flat[name][:V]
-  prefix = PREFIX[model_type] if hf_meta.get('prefixed', True) else ''
-  hf_name = lambda t: t if model_type == 'bert' and _is_head(t) else prefix + t
-  layer_rows, top_rows = _tables(model_type, model)
-  skip = set(hf_meta.get('fresh', ())) if architecture == 'BertForMaskedLM' else set()
+  prefix = fmt.prefix if hf_meta.get('prefixed', True) else ''
+  hf_name = lambda t: t if fmt.is_head(t) else prefix + t
+  layer_rows, top_rows = fmt.rows(model)
+  skip = set(hf_meta.get('fresh', ())) if architecture in fmt.without_optional else set()
   tensors = {}
 
   def put(names, arrays):
@@ -507,7 +343,7 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
     for ours, theirs, _, bwd in layer_rows:
       stacked = flat.pop(f'h.blocks.{ours}')
       for i in range(model['num_layers']):
-        put([_layer_name(model_type, i, t) for t in theirs], bwd(stacked[i]))
+        put([fmt.layer_name(i, t) for t in theirs], bwd(stacked[i]))
     for ours, theirs, _, bwd in top_rows:
       if ours in skip:
         flat.pop(ours)
@@ -515,11 +351,10 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
         put(theirs, bwd(flat.pop(ours)))
   except KeyError as e:
     raise ConfigError(f'checkpoint {path} lacks parameter {e.args[0]} of a shardlm '
-                      f'{kind}') from None
-  if architecture == 'GPT2Model':
-    architecture = 'GPT2LMHeadModel'  # the same weights; the LM head is the tied embedding
+                      f'{kind.name}') from None
+  architecture = fmt.export_as.get(architecture, architecture)
 
-  hf = _hf_config(model, V, architecture, dtype, meta['tokenizer'].get('eod_id'),
+  hf = fmt.config(model, V, architecture, dtype, meta['tokenizer'].get('eod_id'),
                   hf_meta.get('config'))
   tok_files = _tokenizer_files(path, meta)
   if not tok_files:
@@ -544,6 +379,10 @@ def to_hf(checkpoint_dir, out, max_shard_size='2GB', dtype=None) -> dict:
 # -- python -m shardlm.convert ------------------------------------------------------------------
 
 def main(argv=None):
+  errors.run_cli(_main, argv)
+
+
+def _main(argv):
   parser = ArgumentParser(prog='python -m shardlm.convert', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('from-hf',
@@ -557,22 +396,18 @@ def main(argv=None):
   p.add_argument('--max-shard-size', default='2GB', help='larger models are split (default 2GB)')
   p.add_argument('--dtype', choices=DTYPES,
                  help="default: the imported model's, else the parameters' (param_dtype)")
-  try:
-    a = parser.parse_args(argv)
-    if a.command == 'from-hf':
-      r = from_hf(a.model_dir, a.out)
-      m = r['config'].model
-      print(f'wrote {r["path"]}: {m.kind} {m.num_layers} layers x {m.hidden} hidden x '
-            f'{m.num_heads} heads, vocabulary {m.vocab_size}, {m.seq_len} positions; tokenizer '
-            f'{r["config"].data.tokenizer}')
-    else:
-      r = to_hf(a.checkpoint, a.out, a.max_shard_size, a.dtype)
-      print(f"wrote {r['path']}: {r['architecture']} ({', '.join(r['files'])})")
-    for note in r['notes']:
-      print(f'note: {note}')
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  a = parser.parse_args(argv)
+  if a.command == 'from-hf':
+    r = from_hf(a.model_dir, a.out)
+    m = r['config'].model
+    print(f'wrote {r["path"]}: {m.kind} {m.num_layers} layers x {m.hidden} hidden x '
+          f'{m.num_heads} heads, vocabulary {m.vocab_size}, {m.seq_len} positions; tokenizer '
+          f'{r["config"].data.tokenizer}')
+  else:
+    r = to_hf(a.checkpoint, a.out, a.max_shard_size, a.dtype)
+    print(f"wrote {r['path']}: {r['architecture']} ({', '.join(r['files'])})")
+  for note in r['notes']:
+    print(f'note: {note}')
 
 
 if __name__ == '__main__':

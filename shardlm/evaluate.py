@@ -11,12 +11,12 @@ to be the model's top prediction (Megatron's strict LAMBADA).
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from shardlm.config import ConfigError
+from shardlm import errors, inference
+from shardlm.errors import ConfigError
 
 
 def windows(num_tokens: int, seq_len: int, stride: int):
@@ -75,51 +75,67 @@ def lambada(score, examples: list[str], tokenizer, seq_len: int, batch_size: int
   return {'examples': len(examples), 'accuracy': hits / len(examples)}
 
 
+def read_data(path: Path, task: str):
+  """The --data file, checked: UTF-8 text for ppl, JSONL of {"text": ...} for lambada."""
+  if not path.is_file():
+    raise ConfigError(f'--data {path}: no such file')
+  try:
+    content = path.read_text(encoding='utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'--data {path}: not UTF-8 text (byte {e.start})') from None
+  if not content.strip():
+    raise ConfigError(f'--data {path} is empty')
+  if task == 'ppl':
+    return content
+  examples = []
+  for n, line in enumerate(content.splitlines(), 1):
+    if line.strip():
+      try:
+        example = json.loads(line)['text']
+      except (ValueError, KeyError, TypeError):
+        example = None
+      if not isinstance(example, str):
+        raise ConfigError(f'{path}:{n}: not a JSON object with a "text" string')
+      examples.append(example)
+  if any(' ' not in e.strip() for e in examples):
+    raise ConfigError(f'{path}: every example needs a context and a last word')
+  return examples
+
+
 def main(argv=None):
-  from shardlm import inference
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  errors.run_cli(_main, argv)
+
+
+def _main(argv):
+  parser = errors.ArgumentParser(prog='python -m shardlm.evaluate', description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='run or checkpoint directory')
   parser.add_argument('--task', choices=('ppl', 'lambada'), required=True)
   parser.add_argument('--data', required=True, help='ppl: a text file; lambada: JSONL with "text"')
-  parser.add_argument('--stride', type=int, default=0, help='ppl window stride (default T/2)')
+  parser.add_argument('--stride', type=int, default=None, help='ppl window stride (default T/2)')
   parser.add_argument('--batch-size', type=int, default=8)
   args, overrides = parser.parse_known_args(argv)
-  try:
-    if args.batch_size < 1 or args.stride < 0:
-      raise ConfigError(f'--batch-size {args.batch_size} must be >= 1 and --stride {args.stride} >= 0')
-    model = inference.load(args.checkpoint, overrides)
-    path = Path(args.data)
-    if not path.is_file():
-      raise ConfigError(f'--data {path}: no such file')
-    try:
-      content = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e:
-      raise ConfigError(f'--data {path}: not UTF-8 text (byte {e.start})') from None
-    T = model.cfg.model.seq_len
-    if args.task == 'ppl':
-      text = content
-      tokens = model.tokenizer.encode(text)
-      if len(tokens) < 2:
-        raise ConfigError(f'--data {path} has fewer than 2 tokens')
-      result = perplexity(model.score, tokens, T, args.stride or T // 2, args.batch_size,
-                          len(text.encode('utf-8')), max(len(text.split()), 1))
-    else:
-      examples = []
-      for n, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-          try:
-            example = json.loads(line)['text']
-          except (ValueError, KeyError, TypeError):
-            example = None
-          if not isinstance(example, str):
-            raise ConfigError(f'{path}:{n}: not a JSON object with a "text" string')
-          examples.append(example)
-      if not examples or any(' ' not in e.strip() for e in examples):
-        raise ConfigError(f'{path}: every example needs a context and a last word')
-      result = lambada(model.score, examples, model.tokenizer, T, args.batch_size)
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if args.batch_size < 1:
+    raise ConfigError(f'--batch-size {args.batch_size} must be >= 1')
+  if args.stride is not None and args.stride < 0:
+    raise ConfigError(f'--stride {args.stride} must be >= 1 (leave it out for half the window)')
+  if args.stride == 0:
+    errors.warn('--stride 0 scores with the default stride, half the window; leave it out, or give '
+                'a stride >= 1')
+  if args.stride is not None and args.task != 'ppl':
+    errors.warn(f'--stride is for --task ppl; --task {args.task} ignores it')
+  path = Path(args.data)
+  data = read_data(path, args.task)
+  model = inference.load(args.checkpoint, overrides)
+  T = model.cfg.model.seq_len
+  if args.task == 'ppl':
+    tokens = model.tokenizer.encode(data)
+    if len(tokens) < 2:
+      raise ConfigError(f'--data {path} has fewer than 2 tokens')
+    result = perplexity(model.score, tokens, T, args.stride or T // 2, args.batch_size,
+                        len(data.encode('utf-8')), max(len(data.split()), 1))
+  else:
+    result = lambada(model.score, data, model.tokenizer, T, args.batch_size)
   print(json.dumps({'task': args.task, 'data': str(args.data), 'checkpoint': str(model.source),
                     **result}, indent=2))
 

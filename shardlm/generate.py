@@ -6,16 +6,16 @@ top-k and top-p; a batch of prompts from a file (one per line); stops at end-of-
 after --max-tokens; streams the first prompt's tokens as they come.
 """
 import argparse
+import math
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from shardlm import sharding
-from shardlm.config import ConfigError
+from shardlm import errors, inference
+from shardlm.errors import ConfigError
 from shardlm.model.gpt import mask_padding
 
 
@@ -39,24 +39,22 @@ def sample(logits_bv, key, temperature: float, top_k: int, top_p: float):
 class Generator:
   """Jitted prefill and one-token decode steps for a GPT on a mesh."""
 
-  def __init__(self, graphdef, params, mesh, rules, model_config, eod_id: int):
-    self.params, self.eod_id, self.seq_len = params, eod_id, model_config.seq_len
-    vocab_size = model_config.vocab_size
+  def __init__(self, rt, params, eod_id: int):
+    """`rt`: the shardlm.runtime.Runtime of a causal LM; `params` on its mesh."""
+    self.params, self.eod_id, self.seq_len = params, eod_id, rt.model_config.seq_len
+    vocab_size = rt.model_config.vocab_size
 
     def cached(params, ids_bt, cache, decode):
-      with sharding.use(mesh, rules):
-        logits_btv, cache = nnx.merge(graphdef, params)(ids_bt, cache, decode)
-        return mask_padding(logits_btv[:, -1], vocab_size), cache
+      logits_btv, cache = rt.apply(params, ids_bt, cache, decode)
+      return mask_padding(logits_btv[:, -1], vocab_size), cache
 
     def full(params, ids_bt, pos):
       # No cache: the whole sequence again; causal, so what lies past `pos` changes nothing.
-      with sharding.use(mesh, rules):
-        logits_btv = nnx.merge(graphdef, params)(ids_bt)
-        return mask_padding(jax.lax.dynamic_index_in_dim(logits_btv, pos - 1, 1, False), vocab_size)
+      logits_btv = rt.apply(params, ids_bt)
+      return mask_padding(jax.lax.dynamic_index_in_dim(logits_btv, pos - 1, 1, False), vocab_size)
 
     def init_cache(params, batch, length):
-      with sharding.use(mesh, rules):
-        return nnx.merge(graphdef, params).init_cache(batch, length)
+      return rt.apply(params, batch, length, method='init_cache')
 
     self._cached = jax.jit(cached, donate_argnums=2)
     self._full = jax.jit(full)
@@ -103,9 +101,45 @@ class Generator:
     return [np.asarray(o, np.int32) for o in out]
 
 
+def read_prompts(args) -> list[str]:
+  """The prompts of --prompt or --prompts, checked: a readable UTF-8 file with at least one."""
+  if args.prompt is not None:
+    texts = [args.prompt]
+  else:
+    try:
+      with open(args.prompts, encoding='utf-8') as f:
+        texts = [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+      raise ConfigError(f'--prompts {args.prompts}: {e.strerror}') from None
+    except UnicodeDecodeError as e:
+      raise ConfigError(f'--prompts {args.prompts}: not UTF-8 text (byte {e.start})') from None
+    if not texts:
+      raise ConfigError(f'--prompts {args.prompts} holds no prompt (one per line, blank lines skipped)')
+  # "\n" and "\t" in a shell argument or a one-line prompt stand for a newline and a tab.
+  return [t.replace('\\n', '\n').replace('\\t', '\t') for t in texts]
+
+
+def check_sampling(args) -> None:
+  """Numbers finite and in range, before anything is loaded."""
+  if not math.isfinite(args.temperature) or args.temperature < 0:
+    raise ConfigError(f'--temperature {args.temperature} must be a finite number >= 0 (0: greedy)')
+  if args.max_tokens < 0:
+    raise ConfigError(f'--max-tokens {args.max_tokens} must be >= 1 (0: as many as fit, up to 200)')
+  if args.top_k < 0:
+    raise ConfigError(f'--top-k {args.top_k} must be >= 0 (0: off)')
+  if not 0 < args.top_p <= 1:  # nan fails this too
+    raise ConfigError(f'--top-p {args.top_p} must lie in (0, 1] (1: off)')
+  if args.temperature == 0 and (args.top_k or args.top_p < 1):
+    errors.warn('--top-k and --top-p do nothing with --temperature 0 (greedy decoding)')
+
+
 def main(argv=None):
-  from shardlm import inference
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  errors.run_cli(_main, argv)
+
+
+def _main(argv):
+  parser = errors.ArgumentParser(prog='python -m shardlm.generate', description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='run or checkpoint directory')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--prompt', help='one prompt')
@@ -117,52 +151,37 @@ def main(argv=None):
   parser.add_argument('--top-p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
   args, overrides = parser.parse_known_args(argv)
-  try:
-    if args.max_tokens < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-      raise ConfigError('--max-tokens >= 1, --top-k >= 0 and 0 < --top-p <= 1 are required')
-    model = inference.load(args.checkpoint, overrides)
-    if args.top_k > model.cfg.model.vocab_size:
-      raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')
-    if args.prompt is not None:
-      texts = [args.prompt]
-    else:
-      try:
-        texts = [l for l in open(args.prompts, encoding='utf-8').read().splitlines() if l]
-      except OSError as e:
-        raise ConfigError(f'--prompts {args.prompts}: {e.strerror}') from None
-      except UnicodeDecodeError as e:
-        raise ConfigError(f'--prompts {args.prompts}: not UTF-8 text (byte {e.start})') from None
-    # "\n" and "\t" in a shell argument or a one-line prompt stand for a newline and a tab.
-    texts = [t.replace('\\n', '\n').replace('\\t', '\t') for t in texts]
-    prompts = [model.tokenizer.encode(t) for t in texts]
-    if any(len(p) == 0 for p in prompts):
-      raise ConfigError('every prompt needs at least one token')
-    room = model.cfg.model.seq_len - max(len(p) for p in prompts)
-    max_tokens = args.max_tokens or min(200, room)
-    if room < 1 or max_tokens > room:
-      raise ConfigError(f'a prompt of {model.cfg.model.seq_len - room} tokens + {max_tokens} new tokens '
-                        f"exceeds the model's {model.cfg.model.seq_len} positions; shorten the prompt "
-                        'or --max-tokens')
-    gen = model.generator()
-    stream = len(texts) == 1
-    if stream:
-      print(texts[0], end='', flush=True)
-    emitted = []
+  check_sampling(args)
+  texts = read_prompts(args)
+  model = inference.load(args.checkpoint, overrides)
+  if args.top_k > model.cfg.model.vocab_size:
+    raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')
+  prompts = [model.tokenizer.encode(t) for t in texts]
+  if any(len(p) == 0 for p in prompts):
+    raise ConfigError('every prompt needs at least one token')
+  room = model.cfg.model.seq_len - max(len(p) for p in prompts)
+  max_tokens = args.max_tokens or min(200, room)
+  if room < 1 or max_tokens > room:
+    raise ConfigError(f'a prompt of {model.cfg.model.seq_len - room} tokens + {max_tokens} new tokens '
+                      f"exceeds the model's {model.cfg.model.seq_len} positions; shorten the prompt "
+                      'or --max-tokens')
+  gen = Generator(model.rt, model.params, model.tokenizer.eod_id)
+  stream = len(texts) == 1
+  if stream:
+    print(texts[0], end='', flush=True)
+  emitted = []
 
-    def on_token(token, eod):  # print whatever decodes cleanly so far
-      if stream and not eod:
-        emitted.append(token)
-        text = model.tokenizer.decode(emitted)
-        if not text.endswith('\ufffd'):
-          print(text, end='', flush=True)
-          emitted.clear()
+  def on_token(token, eod):  # print whatever decodes cleanly so far
+    if stream and not eod:
+      emitted.append(token)
+      text = model.tokenizer.decode(emitted)
+      if not text.endswith('\ufffd'):
+        print(text, end='', flush=True)
+        emitted.clear()
 
-    t0 = time.perf_counter()
-    outs = gen(prompts, max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-               on_token=on_token)
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  t0 = time.perf_counter()
+  outs = gen(prompts, max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+             on_token=on_token)
   dt = time.perf_counter() - t0
   if stream:
     print()

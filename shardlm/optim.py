@@ -1,7 +1,11 @@
 """The optax chain: clip by global norm, AdamW with Megatron's decay mask, warmup + decay schedule."""
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from shardlm.errors import ConfigError
 
 # Megatron-LM decays weight matrices and embeddings but not biases or LayerNorm parameters.
 _NO_DECAY = ('bias', 'scale')
@@ -64,3 +68,21 @@ def loss_scale_update(ls: dict, finite, o) -> dict:
   scale = jnp.where(grow, ls['scale'] * 2,
                     jnp.where(shrink, jnp.maximum(ls['scale'] / 2, o.min_loss_scale), ls['scale']))
   return {'scale': scale, 'good_steps': jnp.where(grow, 0, good), 'hysteresis': hysteresis}
+
+
+def check_config(o) -> None:
+  """The `optimizer` section's values, before anything is built."""
+  if o.grad_accum_steps < 1:
+    raise ConfigError(f'optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1')
+  if o.loss_scale < 0 or o.min_loss_scale <= 0 or o.loss_scale_window < 1 or o.hysteresis < 1:
+    raise ConfigError('optimizer.loss_scale >= 0, min_loss_scale > 0, loss_scale_window >= 1 and '
+                      'hysteresis >= 1 are required')
+  if o.schedule not in ('cosine', 'linear', 'constant'):
+    raise ConfigError(f"optimizer.schedule='{o.schedule}' is not one of cosine, linear, constant")
+  if not (math.isfinite(o.lr) and math.isfinite(o.min_lr)) or o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+    raise ConfigError(f'optimizer.lr={o.lr}, optimizer.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0')
+  for key in ('b1', 'b2', 'eps', 'weight_decay', 'clip_norm', 'warmup_steps', 'decay_steps'):
+    if not math.isfinite(o[key]) or o[key] < 0:
+      raise ConfigError(f'optimizer.{key}={o[key]} must be a finite number >= 0')
+  if not (o.b1 < 1 and o.b2 < 1):
+    raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: Adam betas lie in [0, 1)')

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shardlm import config, train
+from shardlm import config, runtime, sharding, train
 
 # (overrides, substrings the error line must hold: the offending key or value, and a hint).
 CASES = {
@@ -124,7 +124,8 @@ def test_unknown_key_suggests_the_closest(tiny):
     (2, 2, 2, (2, 2, 2)),
 ])
 def test_mesh_shape_fills_minus_one(tiny, data, fsdp, model, shape):
-  assert config.mesh_shape(tiny(mesh__data=data, mesh__fsdp=fsdp, mesh__model=model), 8) == shape
+  got = sharding.mesh_shape(tiny(mesh__data=data, mesh__fsdp=fsdp, mesh__model=model), 8)
+  assert tuple(got.values()) == shape and tuple(got) == ('data', 'fsdp', 'model')
 
 
 @pytest.mark.parametrize('data, fsdp, model', [
@@ -132,17 +133,17 @@ def test_mesh_shape_fills_minus_one(tiny, data, fsdp, model, shape):
 ])
 def test_mesh_shape_rejects(tiny, data, fsdp, model):
   with pytest.raises(config.ConfigError, match='mesh'):
-    config.mesh_shape(tiny(mesh__data=data, mesh__fsdp=fsdp, mesh__model=model), 8)
+    sharding.mesh_shape(tiny(mesh__data=data, mesh__fsdp=fsdp, mesh__model=model), 8)
 
 
 @pytest.mark.parametrize('model_axis, padded', [(1, 50304), (2, 50432), (4, 50688), (8, 51200)])
 def test_padded_vocab_follows_megatron(model_axis, padded):
   # GPT-2's 50257 ids to a multiple of 128 x model axis: Megatron-LM's make-vocab-size-divisible-by.
-  assert config.padded_vocab(config.load('gpt_345m'), model_axis) == padded
+  assert runtime.padded_vocab(config.load('gpt_345m').model, model_axis) == padded
 
 
 def test_padded_vocab_with_padding_off(tiny):
-  assert config.padded_vocab(tiny(model__vocab_multiple=0), 1) == 257
+  assert runtime.padded_vocab(tiny(model__vocab_multiple=0).model, 1) == 257
 
 
 @pytest.mark.parametrize('overrides', [
@@ -171,3 +172,82 @@ def test_config_path_from_another_cwd(tmp_path, monkeypatch):
   assert mine.name == 'mine' and mine.model.hidden == 64
   with pytest.raises(config.ConfigError, match='did you mean: gpt_8b'):
     config.config_path('gpt8b')
+
+
+# Config files are held to the same standard as the command line.
+
+CONFIG_FILES = {
+    'typo in a key': ('c.model.update(num_layer=72)',
+                      ["'model.num_layer'", 'did you mean: model.num_layers']),
+    'unknown section': ('c.modle = config_dict.ConfigDict({"hidden": 3})', ["'modle.hidden'"]),
+    'syntax error': ('c.model.hidden = (', ['fails to load', 'line 8', 'SyntaxError']),
+    'exception in get_config': ('c.model.hidden = 1 // 0', ['fails to load', 'line 8', 'ZeroDivisionError']),
+    'wrong type': ("c.model.hidden = 'big'", ['fails to load', 'TypeError']),
+    'added axis no rule uses': ('c.mesh.modle = 2', ['mesh.modle', 'did you mean mesh.model']),
+}
+
+
+@pytest.mark.parametrize('line, expected', CONFIG_FILES.values(), ids=CONFIG_FILES.keys())
+def test_a_bad_config_file_exits_2_with_one_line(line, expected, tmp_path):
+  path = tmp_path / 'mine.py'
+  path.write_text('from ml_collections import config_dict  # noqa: F401\n\n'
+                  'from shardlm.config import defaults\n\n\n'
+                  f'def get_config():\n  c = defaults()\n  {line}\n  return c\n')
+  check_rejected(f'--config {path}', expected, tmp_path)
+
+
+def test_a_config_file_typo_in_process(tmp_path):
+  (tmp_path / 'typo.py').write_text('from shardlm.config import defaults\n\n\ndef get_config():\n'
+                                    '  c = defaults()\n  c.model.update(num_layer=72)\n  return c\n')
+  with pytest.raises(config.ConfigError, match=r"'model\.num_layer'.*did you mean: model\.num_layers"):
+    config.load(str(tmp_path / 'typo.py'))
+
+
+def test_a_window_as_long_as_the_sequence_is_flagged(tiny, capsys):
+  train.setup(tiny(model__attention='local', model__window=128))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('shardlm: warning: model.window=128 >= model.seq_len=128')
+  train.setup(tiny(model__attention='local', model__window=64))
+  assert capsys.readouterr().err == ''
+
+
+def cli_error(main, args, capsys) -> str:
+  with pytest.raises(SystemExit) as e:
+    main(args)
+  assert e.value.code == 2
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert lines and lines[-1].startswith('shardlm: error: '), lines
+  return '\n'.join(lines)
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--temperature', 'nan'], '--temperature nan'),
+    (['--temperature', '-1'], '--temperature -1.0'),
+    (['--temperature', 'inf'], '--temperature inf'),
+    (['--top-p', 'nan'], '--top-p nan'),
+    (['--top-p', '0'], '--top-p 0.0'),
+    (['--max-tokens', '-3'], '--max-tokens -3'),
+    (['--temperature', 'warm'], "argument --temperature: invalid float value: 'warm'"),
+])
+def test_generate_checks_its_numbers_before_loading(args, expected, tmp_path, capsys):
+  from shardlm import generate
+  # The checkpoint does not exist: the numbers are refused before anything is loaded.
+  err = cli_error(generate.main, ['--checkpoint', str(tmp_path / 'none'), '--prompt', 'x', *args], capsys)
+  assert expected in err and err.count('\n') == 0
+
+
+def test_generate_refuses_an_empty_prompts_file(tmp_path, capsys):
+  from shardlm import generate
+  (tmp_path / 'prompts.txt').write_text('\n\n  \n')
+  err = cli_error(generate.main, ['--checkpoint', str(tmp_path / 'none'),
+                                  '--prompts', str(tmp_path / 'prompts.txt')], capsys)
+  assert 'holds no prompt' in err and err.count('\n') == 0
+
+
+def test_evaluate_flags_an_explicit_stride_0_and_refuses_empty_data(tmp_path, capsys):
+  from shardlm import evaluate
+  (tmp_path / 'empty.txt').write_text('')
+  err = cli_error(evaluate.main, ['--checkpoint', str(tmp_path / 'none'), '--task', 'ppl',
+                                  '--data', str(tmp_path / 'empty.txt'), '--stride', '0'], capsys)
+  warning, error = err.splitlines()
+  assert warning.startswith('shardlm: warning: --stride 0') and 'is empty' in error

@@ -2,8 +2,9 @@
 import jax
 import numpy as np
 import pytest
+from conftest import run_steps
 
-from shardlm import config, train
+from shardlm import config, runtime, train
 
 B, T = 16, 32
 
@@ -21,13 +22,9 @@ def synthetic_batch(step, vocab=257):
 
 
 def losses(cfg, devices, steps=3):
-  s = train.setup(cfg, devices)
-  state, out = s.init(), []
-  for step in range(steps):
-    batch = jax.tree.map(lambda x, sh: jax.device_put(x, sh), synthetic_batch(step), s.batch_sharding)
-    state, m = s.step(state, batch)
-    out.append([float(m['loss']), float(m['mlm_loss']), float(m['sop_loss'])])
-  return np.array(out)
+  put = lambda step, sharding: jax.device_put(synthetic_batch(step), sharding)
+  m = run_steps(cfg, devices, steps, put)[2]
+  return np.stack([m['loss'], m['mlm_loss'], m['sop_loss']], axis=1)
 
 
 def bert_cfg(**mesh):
@@ -56,20 +53,17 @@ def test_bert_layouts_match_single_device(preset, mesh, reference):
 
 def test_padding_is_invisible(tiny):
   """Changing the tokens behind the padding changes nothing; changing a real token does."""
-  from flax import nnx
-  from shardlm.model.bert import BERT
-  s = train.setup(bert_cfg(data=1), jax.devices()[:1])
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: BERT(s.model_config, rngs=nnx.Rngs(0)))),
-                    s.init()['params'])
+  rt = runtime.build(bert_cfg(data=1), jax.devices()[:1])
+  params = rt.init_params(0)
   b = synthetic_batch(0)
-  out = model(b['ids'], b['types'], b['pad'])
+  out = rt.apply(params, b['ids'], b['types'], b['pad'])
   ids = np.where(b['pad'], b['ids'], (b['ids'] + 7) % 257)
-  out2 = model(ids, b['types'], b['pad'])
+  out2 = rt.apply(params, ids, b['types'], b['pad'])
   real = b['pad']
   np.testing.assert_allclose(out2[0][real], out[0][real], atol=1e-5)
   np.testing.assert_allclose(out2[1], out[1], atol=1e-5)
   ids[0, 0] = (ids[0, 0] + 1) % 257
-  assert not np.allclose(model(ids, b['types'], b['pad'])[1][0], out[1][0], atol=1e-6)
+  assert not np.allclose(rt.apply(params, ids, b['types'], b['pad'])[1][0], out[1][0], atol=1e-6)
 
 
 def bert_param_count(L, D, Vp, T):
@@ -89,7 +83,7 @@ def test_named_bert_configs(name, L, D, Vp, paper):
   """Megatron-LM Table 4 sizes, built abstractly on the config's own model-parallel size."""
   cfg = config.load(name)
   s = train.setup(cfg, jax.devices()[:cfg.mesh.model])
-  assert s.model_config.padded_vocab == Vp and not s.model_config.causal
+  assert s.rt.model_config.padded_vocab == Vp and not s.rt.model_config.causal
   n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(s.init)['params']))
   assert n == bert_param_count(L, D, Vp, cfg.model.seq_len)
   if paper:
@@ -118,7 +112,7 @@ def test_bert_tiny_trains(default_run):
     ('data.mlm_prob', '1.5', 'mlm_prob=1.5 must be between 0 and 1'),
 ])
 def test_bad_bert_settings(key, value, message):
-  from shardlm.config import ConfigError
+  from shardlm.errors import ConfigError
   cfg = bert_cfg(data=1)
   config.override(cfg, key, value)
   with pytest.raises(ConfigError, match=message):

@@ -2,8 +2,9 @@
 import jax
 import numpy as np
 import pytest
+from conftest import run_steps
 
-from shardlm import config, train
+from shardlm import config
 from shardlm.data import bert, loader
 from shardlm.data.tokenizer import get_tokenizer
 
@@ -83,9 +84,8 @@ def test_sentence_order_head_learns_a_visible_order():
   for key, value in {'model.num_layers': 2, 'model.seq_len': 32, 'data.batch_size': B,
                      'optimizer.warmup_steps': 1, 'optimizer.lr': 3e-3}.items():
     config.override(cfg, key, str(value))
-  s = train.setup(cfg, jax.devices()[:1])
-  state, acc = s.init(), []
-  for step in range(40):
+
+  def batch(step, sharding):
     rng = np.random.default_rng(step)
     order = rng.integers(0, 2, B)
     low, high = rng.integers(0, 100, (B, 15)), rng.integers(100, 200, (B, 14))
@@ -96,7 +96,6 @@ def test_sentence_order_head_learns_a_visible_order():
     batch = {'ids': ids, 'types': (np.arange(32) >= 16).astype(np.int32)[None].repeat(B, 0),
              'pad': (np.arange(32) < 31)[None].repeat(B, 0), 'labels': ids,
              'mlm_mask': np.zeros((B, 32), np.float32), 'order': order.astype(np.int32)}
-    batch = jax.tree.map(jax.device_put, batch, s.batch_sharding)
-    state, m = s.step(state, batch)
-    acc.append(float(m['sop_acc']))
+    return jax.device_put(batch, sharding)
+  acc = run_steps(cfg, jax.devices()[:1], 40, batch)[2]['sop_acc']
   assert np.mean(acc[:5]) < 0.8 and np.mean(acc[-10:]) > 0.95, acc

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shardlm import checkpoint, config, train
-from shardlm.config import ConfigError
+from shardlm.errors import ConfigError
 from shardlm.data.tokenizer import ByteTokenizer
 
 # A failed restore abandons orbax's other reads; their echoes are not the test's subject.
@@ -37,7 +37,7 @@ def small_cfg(run_dir, **overrides):
 
 
 def checkpoints(cfg, s):
-  return checkpoint.Checkpoints(cfg, Path(cfg.train.run_dir), s, ByteTokenizer())
+  return checkpoint.Checkpoints(cfg, Path(cfg.train.run_dir), ByteTokenizer(), s.target())
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def text():
 
 
 def batch(s, text, step):
-  B, T = s.cfg.data.batch_size, s.cfg.model.seq_len
+  B, T = s.rt.cfg.data.batch_size, s.rt.cfg.model.seq_len
   rows = [((step * B + j) * 7919) % ((len(text) - 1) // T) for j in range(B)]
   return jax.device_put(np.stack([text[r * T:r * T + T + 1] for r in rows]), s.batch_sharding)
 
@@ -238,7 +238,7 @@ def test_another_tokenizer_is_an_error(two_steps):
   s = train.setup(cfg, jax.devices()[:1])
   other = types.SimpleNamespace(name='bpe.json', vocab_size=257, eod_id=256, fingerprint='9f2c')
   with pytest.raises(ConfigError, match=r'trained with tokenizer byte \(byte\).*bpe.json \(9f2c\)'):
-    checkpoint.Checkpoints(cfg, two_steps, s, other).restore()
+    checkpoint.Checkpoints(cfg, two_steps, other, s.target()).restore()
 
 
 @pytest.mark.parametrize('key, value', [('checkpoint.every', -1), ('checkpoint.keep', 0),
@@ -287,7 +287,7 @@ def test_init_from_takes_the_parameters_and_a_fresh_optimizer(two_steps, tmp_pat
   src = two_steps / 'checkpoints' / '2'
   cfg = small_cfg(tmp_path, **{'train.init_from': src})
   s = train.setup(cfg, jax.devices()[:1])
-  params, path, _ = checkpoint.restore_params(cfg.train.init_from, s, 'train.init_from')
+  params, path, _ = checkpoint.restore_params(cfg.train.init_from, s.rt.target(), 'train.init_from')
   state = s.init_with(params)
   stored = checkpoint.read_params_numpy(src)['params']
   for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(stored)):
@@ -297,4 +297,4 @@ def test_init_from_takes_the_parameters_and_a_fresh_optimizer(two_steps, tmp_pat
   # Shapes alone would not catch a model of another kind (a pre-LN BERT holds every GPT name).
   bert = train.setup(small_cfg(tmp_path, **{'model.kind': 'bert'}), jax.devices()[:1])
   with pytest.raises(ConfigError, match='holds a gpt model, and this config builds a bert'):
-    checkpoint.restore_params(src, bert, 'train.init_from')
+    checkpoint.restore_params(src, bert.rt.target(), 'train.init_from')

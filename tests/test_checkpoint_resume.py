@@ -48,8 +48,9 @@ def losses(run_dir) -> dict:
 
 # -- exact resume ---------------------------------------------------------------------------------
 
-# The tiny model (batch 8, one row per device), logging every step. decay_steps pins the LR schedule to 20 steps, so that a run
-# told to stop at 10 follows the same schedule as the 20-step run.
+# The tiny model (batch 8, one row per device), logging every step. decay_steps pins the LR
+# schedule to 20 steps, so that a run told to stop at 10 follows the same schedule as the 20-step
+# run.
 TINY = ['--config.optimizer.decay_steps=20', '--config.data.batch_size=8', '--config.log.every=1',
         '--config.train.eval_every=0', '--config.train.eval_batches=1',
         '--config.log.tensorboard=false', '--config.checkpoint.every=10']
@@ -194,7 +195,7 @@ config.override(cfg, 'train.run_dir', run_dir)
 s = train.setup(cfg)
 tokens = np.arange(8 * 33).reshape(8, 33) %% 251
 batch = jax.make_array_from_callback(tokens.shape, s.batch_sharding, lambda idx: tokens[idx])
-ckpt = checkpoint.Checkpoints(cfg, run_dir, s, ByteTokenizer())
+ckpt = checkpoint.Checkpoints(cfg, run_dir, ByteTokenizer(), s.target())
 state, start, _ = ckpt.restore()
 if state is None:
   state = s.init()
@@ -202,7 +203,7 @@ if state is None:
     state, _ = s.step(state, batch)
   ckpt.save(2, state)
 ckpt.close()
-loss = float(s.eval_loss(state['params'], batch))
+loss = float(s.eval_metrics(state['params'], batch)[0])
 json.dump({'start': start, 'loss': loss}, open(f'{run_dir}/out{pid}.json', 'w'))
 '''
 OVERRIDES = {'model.num_layers': '1', 'model.hidden': '64', 'model.num_heads': '2',
@@ -249,8 +250,8 @@ def test_two_processes_save_their_own_shards_and_restore_anywhere(tmp_path):
     config.override(cfg, k, v)
   s = train.setup(cfg, jax.devices())
   from shardlm.data.tokenizer import ByteTokenizer
-  state, start, _ = checkpoint.Checkpoints(cfg, tmp_path / 'one', s, ByteTokenizer()).restore()
+  state, start, _ = checkpoint.Checkpoints(cfg, tmp_path / 'one', ByteTokenizer(), s.target()).restore()
   tokens = np.arange(8 * 33).reshape(8, 33) % 251
-  loss = float(s.eval_loss(state['params'], jax.device_put(tokens, s.batch_sharding)))
+  loss = float(s.eval_metrics(state['params'], jax.device_put(tokens, s.batch_sharding))[0])
   assert start == 2
   np.testing.assert_allclose(loss, saved[0]['loss'], rtol=1e-6)

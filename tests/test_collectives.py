@@ -24,8 +24,8 @@ def lowered_step(preset, mesh, rules=(), remat='none'):
 
 def megatron_violations(module, s, remat):
   """Everything in the compiled step that departs from Megatron's communication pattern."""
-  data, model = s.mesh.shape['data'], s.mesh.shape['model']
-  vocab = s.model_config.padded_vocab
+  data, model = s.rt.mesh.shape['data'], s.rt.mesh.shape['model']
+  vocab = s.rt.model_config.padded_vocab
   act = ('f32', (B // data, T, D))
   # The projections are 2D matmuls over B x T rows, so an activation may travel flattened.
   acts = [[act], [('f32', (B // data * T, D))]]
@@ -90,7 +90,7 @@ def _uses_only_slices(module, name, depth=0):
 
 def test_fsdp_gathers_parameters_and_scatters_gradients():
   s, lowered = lowered_step('fsdp', dict(data=1, fsdp=8, model=1))
-  fsdp = s.mesh.shape['fsdp']
+  fsdp = s.rt.mesh.shape['fsdp']
   params = jax.eval_shape(s.init)['params']
   # Sizes of every parameter that FSDP shards (one layer's slice for the stacked layers).
   sizes = set()

@@ -10,11 +10,10 @@ import types
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from shardlm import checkpoint, config, convert, inference, sharding, train
-from shardlm.config import ConfigError
+from shardlm import checkpoint, config, convert, generate, inference, runtime, train
+from shardlm.errors import ConfigError
 from shardlm.data.tokenizer import ByteTokenizer, train_bpe
 
 torch = pytest.importorskip('torch')
@@ -78,17 +77,12 @@ def load_bert(path, n):
   cfg = config.load('tiny')
   cfg.model.update(checkpoint.read_meta(path)['config']['model'])
   cfg.mesh.update(data=1, model=n)
-  s = train.setup(cfg, jax.devices()[:n])
-  return types.SimpleNamespace(cfg=cfg, setup=s, params=checkpoint.restore_params(path, s)[0])
+  rt = runtime.build(cfg, jax.devices()[:n])
+  return types.SimpleNamespace(cfg=cfg, rt=rt, params=checkpoint.restore_params(path, rt.target())[0])
 
 
 def forward(loaded, *args):
-  s = loaded.setup
-
-  def f(params, *args):
-    with sharding.use(s.mesh, s.rules):
-      return nnx.merge(s.graphdef, params)(*args)
-  return jax.device_get(jax.jit(f)(loaded.params, *args))
+  return jax.device_get(jax.jit(loaded.rt.apply)(loaded.params, *args))
 
 
 @pytest.mark.parametrize('name', ['gpt2', 'gpt2_medium'])
@@ -97,8 +91,8 @@ def test_gpt2_logits_equal_transformers(hf, ckpt, name, n):
   d, model = hf[name]
   V = model.config.vocab_size
   loaded = inference.load(ckpt[name], [f'--config.mesh.model={n}'], devices=jax.devices()[:n])
-  assert loaded.setup.mesh.shape['model'] == n
-  assert loaded.setup.model_config.padded_vocab == -(-V // (128 * n)) * 128 * n
+  assert loaded.rt.mesh.shape['model'] == n
+  assert loaded.rt.model_config.padded_vocab == -(-V // (128 * n)) * 128 * n
   meta = checkpoint.read_meta(ckpt[name])
   assert loaded.tokenizer.fingerprint == meta['tokenizer']['fingerprint'] != 'none'
   ids = np.random.default_rng(0).integers(0, V, (2, 12)).astype(np.int32)
@@ -114,7 +108,7 @@ def test_bert_logits_equal_transformers(hf, ckpt, n):
   d, model = hf['bert_pt']
   V, B, T = model.config.vocab_size, 3, 16
   loaded = load_bert(ckpt['bert_pt'], n)
-  assert loaded.setup.model_config.padded_vocab == 384 * (n == 1) + 512 * (n == 4)
+  assert loaded.rt.model_config.padded_vocab == 384 * (n == 1) + 512 * (n == 4)
   assert loaded.cfg.model.post_ln and loaded.cfg.model.ln_eps == 1e-12
   rng = np.random.default_rng(1)
   ids = rng.integers(0, V, (B, T)).astype(np.int32)
@@ -217,13 +211,13 @@ def test_trained_gpt_generates_the_same_tokens_in_transformers(tmp_path):
                      'model.scan_layers': False, 'data.batch_size': 4, 'mesh.data': 1,
                      'optimizer.lr': 3e-3, 'optimizer.warmup_steps': 1, 'train.steps': 30}.items():
     config.override(cfg, key, str(value))
-  s = train.setup(cfg, jax.devices()[:1])
+  t = train.setup(cfg, jax.devices()[:1])
   row = np.frombuffer(b'for root, dirs, files in os.walk(path): yield files\n', np.uint8)
   batch = np.stack([np.roll(row, k)[:cfg.model.seq_len + 1] for k in range(4)]).astype(np.int32)
-  state = s.init()
+  state = t.init()
   for _ in range(30):
-    state, _ = s.step(state, jax.device_put(batch, s.batch_sharding))
-  saver = checkpoint.Checkpoints(cfg, tmp_path / 'run', s, ByteTokenizer())
+    state, _ = t.step(state, jax.device_put(batch, t.batch_sharding))
+  saver = checkpoint.Checkpoints(cfg, tmp_path / 'run', ByteTokenizer(), t.target())
   saver.save(30, state)
   assert saver.close() == [30]
 
@@ -231,7 +225,8 @@ def test_trained_gpt_generates_the_same_tokens_in_transformers(tmp_path):
   assert r['architecture'] == 'GPT2LMHeadModel'
   model = transformers.AutoModelForCausalLM.from_pretrained(r['path']).eval()
   prompt = np.frombuffer(b'for root, dirs', np.uint8).astype(np.int32)
-  ours = inference.load(tmp_path / 'run', devices=jax.devices()[:1]).generator()(
+  loaded = inference.load(tmp_path / 'run', devices=jax.devices()[:1])
+  ours = generate.Generator(loaded.rt, loaded.params, loaded.tokenizer.eod_id)(
       [prompt], max_tokens=20, temperature=0.0)[0]
   with torch.no_grad():
     theirs = model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=20,

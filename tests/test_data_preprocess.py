@@ -137,7 +137,7 @@ def test_sentencepiece_model_and_a_one_byte_dtype(tmp_path):
 
 def test_text_files_as_files_lines_or_paragraphs(tmp_path):
   (tmp_path / 'x.txt').write_text('one\ntwo\n\n\nthree\nfour\n')
-  (tmp_path / 'y.txt.gz').write_bytes(gzip.compress('five\n'.encode()))
+  (tmp_path / 'y.txt.gz').write_bytes(gzip.compress(b'five\n'))
   files = sources.expand([str(tmp_path / 'x.txt'), str(tmp_path)])  # the folder repeats x.txt
   assert [f.name for f in files] == ['x.txt', 'y.txt.gz']
   tok = tokenizer.ByteTokenizer()

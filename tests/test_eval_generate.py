@@ -4,8 +4,9 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import params_checkpoint
 
-from shardlm import config, evaluate, inference, train
+from shardlm import config, evaluate, generate, inference, runtime
 from shardlm.data.tokenizer import ByteTokenizer
 
 TEXT = (b'import os\n\ndef walk(path):\n    for root, dirs, files in os.walk(path):\n'
@@ -16,8 +17,12 @@ def loaded(devices, **overrides):
   cfg = config.load('tiny')
   for key, value in dict(model__num_layers=2, model__seq_len=32, **overrides).items():
     config.override(cfg, key.replace('__', '.'), str(value))
-  s = train.setup(cfg, devices)
-  return inference.Loaded(cfg, s, s.init()['params'], ByteTokenizer(), None)
+  rt = runtime.build(cfg, devices)
+  return inference.Loaded(cfg, rt, rt.init_params(cfg.train.seed), ByteTokenizer(), None)
+
+
+def generator(loaded):
+  return generate.Generator(loaded.rt, loaded.params, loaded.tokenizer.eod_id)
 
 
 @pytest.fixture(scope='module')
@@ -81,7 +86,7 @@ def test_greedy_with_cache_equals_recomputing(mesh, n, scan):
   m = loaded(jax.devices()[:n], model__scan_layers=scan, **{f'mesh__{k}': v for k, v in mesh.items()})
   prompts = [np.frombuffer(b'def f(x):\n    ret', np.uint8).astype(np.int32),
              np.frombuffer(b'import sys\nimport', np.uint8).astype(np.int32)]
-  gen = m.generator()
+  gen = generator(m)
   with_cache = gen(prompts, 12, use_cache=True)
   without = gen(prompts, 12, use_cache=False)
   for a, b in zip(with_cache, without):
@@ -89,7 +94,7 @@ def test_greedy_with_cache_equals_recomputing(mesh, n, scan):
 
 
 def test_sampling_is_reproducible_and_never_picks_padding(model):
-  gen = model.generator()
+  gen = generator(model)
   prompt = [np.frombuffer(b'for i in', np.uint8).astype(np.int32)]
   a = gen(prompt, 16, temperature=1.5, top_k=50, seed=3)[0]
   b = gen(prompt, 16, temperature=1.5, top_k=50, seed=3)[0]
@@ -97,27 +102,17 @@ def test_sampling_is_reproducible_and_never_picks_padding(model):
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   d = gen(prompt, 24, temperature=5.0, top_p=0.99, seed=1)[0]  # near-uniform sampling
-  assert d.max() < model.setup.model_config.vocab_size  # 257 real ids of 384 padded
+  assert d.max() < model.rt.model_config.vocab_size  # 257 real ids of 384 padded
 
 
 def test_a_checkpoint_loads_when_where_its_run_started_is_gone(tmp_path):
   """Evaluation and generation ignore the training run's resume / init_from paths."""
-  import json as json_lib
-  from shardlm import checkpoint
   cfg = config.load('tiny')
   for key, value in dict(model__num_layers=1, model__seq_len=32, train__init_from='/gone/params',
                          train__resume='/gone/run', checkpoint__dir='/gone/ckpts').items():
     config.override(cfg, key.replace('__', '.'), str(value))
-  runnable = config.load('tiny')  # the same model, without the paths (setup checks them)
-  for key, value in dict(model__num_layers=1, model__seq_len=32).items():
-    config.override(runnable, key.replace('__', '.'), str(value))
-  s = train.setup(runnable, jax.devices()[:1])
-  tok = ByteTokenizer()
-  meta = {'config': json_lib.loads(cfg.to_json()),
-          'tokenizer': {'name': tok.name, 'vocab_size': tok.vocab_size, 'eod_id': tok.eod_id,
-                        'fingerprint': tok.fingerprint},
-          'model': {'vocab_size': 257, 'padded_vocab': s.model_config.padded_vocab}}
-  out = checkpoint.save_params(tmp_path / 'params', s.init()['params'], meta)
+  # The runtime (no training) does not look at those paths either.
+  out = params_checkpoint(tmp_path / 'params', runtime.build(cfg, jax.devices()[:1]))
   m = inference.load(out, devices=jax.devices()[:1])
   nll, _ = m.score(np.zeros((1, 33), np.int32))
   assert nll.shape == (1, 32) and np.isfinite(nll).all()
@@ -126,7 +121,7 @@ def test_a_checkpoint_loads_when_where_its_run_started_is_gone(tmp_path):
 def test_a_left_padded_prompt_decodes_as_it_does_alone(model):
   """In a batch, shorter prompts are left-padded: positions and the cache mask make that
   invisible, so a prompt decodes the same with a longer neighbour as on its own."""
-  gen = model.generator()
+  gen = generator(model)
   short = np.frombuffer(b'x = f(', np.uint8).astype(np.int32)
   long = np.frombuffer(b'import sys\nimport os\n', np.uint8).astype(np.int32)
   together = gen([short, long], 10)

@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import run_steps
 
 from shardlm import config, train
 from shardlm.data import loader, tokenizer
@@ -16,15 +17,9 @@ def tokens():
 
 
 def run_losses(cfg, tokens, devices):
-  s = train.setup(cfg, devices)
   data = loader.Batches(tokens, cfg.model.seq_len, cfg.data.batch_size, cfg.data.seed)
-  state = s.init()
-  losses, grad_norms = [], []
-  for step in range(STEPS):
-    state, metrics = s.step(state, data.global_batch(step, s.batch_sharding))
-    losses.append(float(metrics['loss']))
-    grad_norms.append(float(metrics['grad_norm']))
-  return np.array(losses), np.array(grad_norms)
+  _, _, m = run_steps(cfg, devices, STEPS, data.global_batch)
+  return m['loss'], m['grad_norm']
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +52,8 @@ def test_padding_does_not_change_the_model(tokens):
   config.override(cfg, 'mesh.model', '4')
   config.override(cfg, 'mesh.data', '1')
   s4 = train.setup(cfg, jax.devices()[:4])
-  assert (s1.model_config.padded_vocab, s4.model_config.padded_vocab) == (384, 512)
+  assert (s1.rt.model_config.padded_vocab, s4.rt.model_config.padded_vocab) == (384, 512)
   data = loader.Batches(tokens, cfg.model.seq_len, cfg.data.batch_size, 0)
-  l1 = s1.eval_loss(s1.init()['params'], data.global_batch(0, s1.batch_sharding))
-  l4 = s4.eval_loss(s4.init()['params'], data.global_batch(0, s4.batch_sharding))
+  l1 = s1.eval_metrics(s1.init()['params'], data.global_batch(0, s1.batch_sharding))[0]
+  l4 = s4.eval_metrics(s4.init()['params'], data.global_batch(0, s4.batch_sharding))[0]
   np.testing.assert_allclose(float(l1), float(l4), rtol=1e-6)

@@ -39,10 +39,10 @@ def count(tree):
 def test_parameter_count(name):
   L, D, V, paper = NAMED[name]
   s = setup_for(name)
-  assert s.model_config.padded_vocab == V
+  assert s.rt.model_config.padded_vocab == V
   state = jax.eval_shape(s.init)  # the real initializer, abstractly: no memory
   n = count(state['params'])
-  assert n == gpt2_param_count(L, D, V, s.cfg.model.seq_len)
+  assert n == gpt2_param_count(L, D, V, s.rt.cfg.model.seq_len)
   if paper:
     assert abs(n / paper - 1) < 0.02, f'{name}: {n:,} parameters, the paper says {paper:,.0f}'
   # Adam keeps two float32 moments per parameter, laid out like the parameters.
@@ -53,8 +53,8 @@ def test_parameter_count(name):
 def test_8b_compiles_for_8_way_tensor_parallel():
   B = 8  # a small global batch keeps the compile short; parameter memory does not depend on it
   s = setup_for('gpt_8b', **{'data.batch_size': B})
-  assert dict(s.mesh.shape) == {'data': 1, 'fsdp': 1, 'model': 8}
-  T = s.cfg.model.seq_len
+  assert dict(s.rt.mesh.shape) == {'data': 1, 'fsdp': 1, 'model': 8}
+  T = s.rt.cfg.model.seq_len
   abstract = jax.eval_shape(s.init)
   compiled = s.step.lower(abstract, jax.ShapeDtypeStruct((B, T + 1), jnp.int32)).compile()
   mem = compiled.memory_analysis()

@@ -5,13 +5,9 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_tokens as random_batches
+
 from shardlm import train
-from shardlm.data import loader
-
-
-def random_batches(cfg, seed=0):
-  tokens = np.random.default_rng(seed).integers(0, 256, 50_000).astype(np.uint16)
-  return loader.Batches(tokens, cfg.model.seq_len, cfg.data.batch_size, seed)
 
 
 def small(tiny, **overrides):

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_steps
 
 from shardlm import train
-from shardlm.data import loader
 from shardlm.model.attention import local_attention
 
 
@@ -14,15 +14,7 @@ def small(tiny, **overrides):
 
 
 def losses(cfg, steps=3):
-  s = train.setup(cfg, jax.devices()[:1])
-  rng = np.random.default_rng(0)
-  data = loader.Batches(rng.integers(0, 256, 50_000).astype(np.uint16), cfg.model.seq_len,
-                        cfg.data.batch_size, 0)
-  state, out = s.init(), []
-  for step in range(steps):
-    state, metrics = s.step(state, data.global_batch(step, s.batch_sharding))
-    out.append(float(metrics['loss']))
-  return np.array(out)
+  return run_steps(cfg, jax.devices()[:1], steps)[2]['loss']
 
 
 @pytest.mark.parametrize('T, W', [(64, 16), (100, 16), (48, 64)])

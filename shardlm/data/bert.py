@@ -14,7 +14,7 @@ is drawn from (seed, j), so a batch is a pure function of the step.
 import jax
 import numpy as np
 
-from shardlm.config import ConfigError
+from shardlm.errors import ConfigError
 
 SPECIALS = ('cls', 'sep', 'mask', 'pad')
 _WHITESPACE = np.zeros(256, bool)

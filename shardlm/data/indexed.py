@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardlm.config import ConfigError
+from shardlm.errors import ConfigError
 
 MAGIC, VERSION = b'SHLMIDX\x00', 1
 HEADER = struct.Struct('<8sIIQQQI4x')
@@ -30,7 +30,8 @@ def token_dtype(vocab_size: int, name: str | None = None) -> np.dtype:
     raise ConfigError(f"token dtype '{name}' is not one of uint8, uint16, uint32")
   if vocab_size > 256 ** dtype.itemsize:
     raise ConfigError(f'a vocabulary of {vocab_size:,} ids does not fit {name} (at most '
-                      f'{256 ** dtype.itemsize:,} ids); use {token_dtype(vocab_size).name} or leave the dtype out')
+                      f'{256 ** dtype.itemsize:,} ids); use {token_dtype(vocab_size).name} or leave the '
+                      'dtype out')
   return dtype
 
 

@@ -18,7 +18,7 @@ import grain
 import jax
 import numpy as np
 
-from shardlm.config import ConfigError
+from shardlm.errors import ConfigError
 from shardlm.data import indexed, preprocess
 from shardlm.data.preprocess import stdlib_files  # noqa: F401  (part of the public surface)
 

@@ -7,7 +7,6 @@ writes data/mycorpus.bin and data/mycorpus.idx, one document per JSON line (or t
 ending in the end-of-document token. Workers tokenize chunks in parallel but results are written
 in input order, so the output is byte-identical for any number of workers.
 """
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -23,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shardlm.config import ConfigError
-from shardlm.data import indexed, sources, tokenizer as tokenizer_lib
+from shardlm import errors
+from shardlm.data import indexed, sources
+from shardlm.data import tokenizer as tokenizer_lib
+from shardlm.errors import ConfigError
 
 _SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
 _worker = {}  # per process: the tokenizer and token dtype, set by _init
+_MAX_WORKERS_PER_CPU = 4  # more tokenizer processes than this is a typo, not a speed-up
 
 
 @dataclasses.dataclass
@@ -110,38 +112,78 @@ class _Progress:
       self.bar.stop()
 
 
-def preprocess(corpus: sources.Corpus, output_prefix, tokenizer_name: str = 'byte', workers: int = 1,
-               dtype: str | None = None, progress: bool = False) -> Summary:
-  """Tokenizes `corpus` into `<output_prefix>.bin/.idx`; nothing is left behind on an error."""
+@dataclasses.dataclass
+class Plan:
+  """A checked preprocessing run: nothing is created until `run`."""
+  corpus: sources.Corpus
+  output_prefix: str
+  tokenizer_name: str
+  vocab_size: int
+  dtype: np.dtype
+  workers: int
+  empty: list[Path]  # input files that are empty
+
+
+def plan(corpus: sources.Corpus, output_prefix, tokenizer_name: str = 'byte', workers: int = 1,
+         dtype: str | None = None) -> Plan:
+  """Checks every input (tokenizer, dtype, files, output) and creates nothing."""
   if workers < 1:
     raise ConfigError(f'--workers {workers} must be at least 1')
+  cpus = sources.cpu_count()
+  if workers > _MAX_WORKERS_PER_CPU * cpus:  # each is a process with its own tokenizer
+    raise ConfigError(f'--workers {workers} is more than {_MAX_WORKERS_PER_CPU} per CPU ({cpus} here): '
+                      f'give at most {_MAX_WORKERS_PER_CPU * cpus}')
   tok = tokenizer_lib.get_tokenizer(tokenizer_name)
-  dtype = indexed.token_dtype(tok.vocab_size, dtype)
+  token_dtype = indexed.token_dtype(tok.vocab_size, dtype)
+  empty = sources.check_inputs(corpus)
+  bin_path, idx_path = indexed.paths(output_prefix)
+  if bin_path.name == '.bin' or str(output_prefix).endswith(('/', os.sep)):
+    raise ConfigError(f"--output-prefix '{output_prefix}' names no file; give a prefix such as "
+                      f"'{bin_path.parent / 'corpus'}' (for corpus.bin and corpus.idx)")
+  for path in (bin_path, idx_path):
+    sources.check_output(path, '--output-prefix', corpus.paths)
+  return Plan(corpus, str(output_prefix), tokenizer_name, tok.vocab_size, token_dtype, workers, empty)
+
+
+def run(job: Plan, progress: bool = False) -> Summary:
+  """Writes `job`'s `.bin/.idx`; on any error, nothing is left behind (no file, no new folder)."""
+  corpus, dtype = job.corpus, job.dtype
   total = sum(p.stat().st_size for p in corpus.paths)
   t0 = time.perf_counter()
-  writer = indexed.Writer(output_prefix, dtype, tok.vocab_size)
-  bar = _Progress(total, progress)
+  new_dirs = sources.missing_dirs(indexed.paths(job.output_prefix)[0])
+  writer = None
   skipped = text_bytes = 0
-  results = _ordered_map(sources.chunks(corpus), workers, (tokenizer_name, dtype.name))
   try:
-    for chunk, tokens, lengths, bad, nbytes in results:
-      if bad and not corpus.skip_bad:
-        raise sources.bad_document(chunk.path, *bad[0])
-      skipped += len(bad)
-      text_bytes += nbytes
-      writer.add(tokens, lengths)
-      bar.update(chunk.disk_pos, writer.num_docs, text_bytes)
+    writer = indexed.Writer(job.output_prefix, dtype, job.vocab_size)
+    bar = _Progress(total, progress)
+    results = _ordered_map(sources.chunks(corpus), job.workers, (job.tokenizer_name, dtype.name))
+    try:
+      for chunk, tokens, lengths, bad, nbytes in results:
+        if bad and not corpus.skip_bad:
+          raise sources.bad_document(chunk.path, *bad[0])
+        skipped += len(bad)
+        text_bytes += nbytes
+        writer.add(tokens, lengths)
+        bar.update(chunk.disk_pos, writer.num_docs, text_bytes)
+    finally:
+      results.close()  # stops the worker pool at once on an error
+      bar.stop()
     if writer.num_docs == 0:
       raise sources.empty_corpus(corpus)
     writer.commit()
   except BaseException:
-    writer.discard()
+    if writer is not None:
+      writer.discard()
+    sources.remove_dirs(new_dirs)
     raise
-  finally:
-    results.close()  # stops the worker pool at once on an error
-    bar.stop()
   return Summary(writer.num_docs, writer.num_tokens, skipped, text_bytes, time.perf_counter() - t0,
                  dtype.name)
+
+
+def preprocess(corpus: sources.Corpus, output_prefix, tokenizer_name: str = 'byte', workers: int = 1,
+               dtype: str | None = None, progress: bool = False) -> Summary:
+  """Tokenizes `corpus` into `<output_prefix>.bin/.idx`; nothing is left behind on an error."""
+  return run(plan(corpus, output_prefix, tokenizer_name, workers, dtype), progress)
 
 
 def stdlib_files() -> list[Path]:
@@ -193,10 +235,10 @@ def stdlib_dataset(tokenizer_name: str = 'byte') -> Path:
   return final / 'stdlib'
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m shardlm.data.preprocess',
-                              description='Tokenize text / JSONL files into an indexed dataset '
-                                          '(<prefix>.bin + <prefix>.idx).')
+def _main(argv):
+  p = errors.ArgumentParser(prog='python -m shardlm.data.preprocess',
+                            description='Tokenize text / JSONL files into an indexed dataset '
+                                        '(<prefix>.bin + <prefix>.idx).')
   sources.add_input_args(p)
   p.add_argument('--tokenizer', default='byte',
                  help="'byte', a tokenizer.json (or its folder) or a sentencepiece .model")
@@ -206,24 +248,37 @@ def main(argv=None):
                  help='token dtype; default: the smallest that holds the vocabulary')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
   args = p.parse_args(argv)
-  try:
-    s = preprocess(sources.from_args(args), args.output_prefix, args.tokenizer, args.workers,
-                   args.dtype, progress=not args.no_progress)
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except OSError as e:
-    print(f'shardlm: error: {e.filename or args.output_prefix}: {e.strerror}; nothing written',
-          file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print('shardlm: error: interrupted; nothing written', file=sys.stderr)
-    sys.exit(130)
+  # Every input is checked before anything is written, and before any warning.
+  corpus = sources.from_args(args)
+  job = plan(corpus, args.output_prefix, args.tokenizer, args.workers, args.dtype)
+  sources.warn_inputs(corpus, job.empty)
+  if args.workers > sources.cpu_count():
+    errors.warn(f'--workers {args.workers} is more than the {sources.cpu_count()} CPUs here; the extra '
+                'processes only add memory')
   bin_path, idx_path = indexed.paths(args.output_prefix)
+  if Path(str(bin_path)[:-len('.bin')]).is_dir():
+    errors.warn(f"--output-prefix '{args.output_prefix}' is a folder: {bin_path.name} and "
+                f'{idx_path.name} are written beside it, not in it')
+  existing = [p.name for p in (bin_path, idx_path) if p.exists()]
+  if existing:
+    errors.warn(f"{' and '.join(existing)} in {bin_path.parent} already exist; they are replaced "
+                'once the new files are complete')
+  try:
+    s = run(job, progress=not args.no_progress)
+  except OSError as e:
+    raise ConfigError(f'{e.filename or args.output_prefix}: {e.strerror}; nothing written') from None
+  except KeyboardInterrupt:
+    print('shardlm: error: interrupted; nothing written', file=sys.stderr, flush=True)
+    sys.exit(130)
   print(f'wrote {bin_path} and {idx_path.name}: {s.documents:,} documents, {s.tokens:,} tokens '
         f'({s.dtype}), {s.skipped:,} skipped; {s.text_bytes / 1e6:,.1f} MB of text in {s.seconds:.1f}s '
         f'= {s.text_bytes / 1e6 / s.seconds:,.1f} MB/s, {s.documents / s.seconds:,.0f} docs/s '
         f'with {args.workers} worker(s)')
+
+
+def main(argv=None):
+  """The CLI: bad input of any kind is one `shardlm: error:` line and exit status 2."""
+  errors.run_cli(_main, argv)
 
 
 if __name__ == '__main__':

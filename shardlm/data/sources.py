@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from shardlm.config import ConfigError
+from shardlm import errors
+from shardlm.errors import ConfigError
 
 JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 TEXT_DOCS = ('file', 'line', 'paragraph')
@@ -201,3 +202,80 @@ def add_input_args(parser):
 
 def from_args(args) -> Corpus:
   return Corpus(expand(args.input), args.json_key, args.format, args.text_docs, args.skip_bad_lines)
+
+
+# -- checks before anything is written (preprocess and the tokenizer trainer) --------------------
+
+def check_inputs(corpus: Corpus) -> list[Path]:
+  """Raises if an input file cannot be read or every one is empty; returns the empty ones."""
+  empty = []
+  for path in corpus.paths:
+    try:
+      size = path.stat().st_size
+    except OSError as e:
+      raise ConfigError(f'cannot read {path}: {e.strerror}') from None
+    if not os.access(path, os.R_OK):
+      raise ConfigError(f'cannot read {path}: permission denied')
+    if size == 0:
+      empty.append(path)
+  if len(empty) == len(corpus.paths):
+    raise empty_corpus(corpus)
+  return empty
+
+
+def check_output(path, flag: str, inputs=()) -> None:
+  """Raises unless a file can be written at `path`: not a folder, not an input, its folder creatable."""
+  path = Path(path)
+  if not path.name or path.is_dir():
+    raise ConfigError(f"{flag}: '{path}' is a folder; give a file name")
+  if os.path.lexists(path) and not path.is_file():
+    raise ConfigError(f"{flag}: '{path}' exists and is not a regular file")
+  if path.exists() and any(path.samefile(p) for p in inputs):
+    raise ConfigError(f"{flag}: '{path}' is one of the inputs; writing it would destroy the corpus")
+  for parent in Path(os.path.abspath(path)).parents:  # the nearest that exists must be a writable folder
+    if os.path.lexists(parent):
+      if not parent.is_dir():
+        raise ConfigError(f"{flag}: cannot write '{path}': {parent} is not a folder")
+      if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write '{path}': no permission to write in {parent}")
+      return
+
+
+def missing_dirs(path) -> list[Path]:
+  """The folders above `path` that do not exist yet, deepest first: those writing it creates."""
+  out = []
+  for parent in Path(os.path.abspath(path)).parents:
+    if os.path.lexists(parent):
+      break
+    out.append(parent)
+  return out
+
+
+def remove_dirs(dirs: list[Path]) -> None:
+  """Removes the folders `missing_dirs` listed (deepest first) while they are empty."""
+  for d in dirs:
+    try:
+      d.rmdir()
+    except FileNotFoundError:  # never made: a folder above it may have been
+      continue
+    except OSError:  # not empty: someone else's now, and so are the folders above
+      return
+
+
+def cpu_count() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def warn_inputs(corpus: Corpus, empty: list[Path]) -> None:
+  """Warnings for inputs that are legal but almost certainly not what was meant."""
+  if empty:
+    names = ', '.join(str(p) for p in empty[:3]) + (' ...' if len(empty) > 3 else '')
+    errors.warn(f'{len(empty)} of the {len(corpus.paths)} input files are empty ({names}); '
+                'they add no documents')
+  suffixes = [_inner_suffix(p) for p in corpus.paths]
+  jsonl = [corpus.fmt == 'jsonl' or (corpus.fmt == 'auto' and s in JSONL_SUFFIXES) for s in suffixes]
+  if corpus.json_key != 'text' and not any(jsonl):
+    errors.warn(f"--json-key '{corpus.json_key}' is ignored: no input is JSON lines (.jsonl, .json, "
+                '.ndjson, or --format jsonl)')
+  if corpus.text_docs != 'file' and all(jsonl):
+    errors.warn(f'--text-docs {corpus.text_docs} is ignored: every input is JSON lines, one document a line')

@@ -3,7 +3,6 @@
 `python -m shardlm.data.tokenizer train --input 'corpus/*.jsonl' --vocab-size 32000 --out tokenizer.json`
 trains a GPT-2-style byte-level BPE on a corpus.
 """
-import argparse
 import hashlib
 import os
 import sys
@@ -11,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shardlm.config import ConfigError
+from shardlm import errors
 from shardlm.data import sources
+from shardlm.errors import ConfigError
 
 # Names a tokenizer file may give its end-of-document token, in order of preference. BERT
 # vocabularies have none, and [SEP] ends a document there, as in Megatron's BERT data.
@@ -149,9 +149,9 @@ def train_bpe(texts, vocab_size: int, out: Path, min_frequency: int = 2) -> HFTo
   return HFTokenizer(out)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m shardlm.data.tokenizer',
-                              description='Train a byte-level BPE tokenizer on a corpus.')
+def _main(argv):
+  p = errors.ArgumentParser(prog='python -m shardlm.data.tokenizer',
+                            description='Train a byte-level BPE tokenizer on a corpus.')
   sub = p.add_subparsers(dest='command', required=True)
   t = sub.add_parser('train', help='train a GPT-2-style byte-level BPE, save tokenizer.json')
   sources.add_input_args(t)
@@ -159,17 +159,50 @@ def main(argv=None):
   t.add_argument('--min-frequency', type=int, default=2, help='pairs seen fewer times are not merged')
   t.add_argument('--out', type=Path, required=True, help='where to write tokenizer.json')
   args = p.parse_args(argv)
+  # Every input is checked before anything is written, and before any warning.
+  if args.vocab_size < 257:
+    raise ConfigError(f'--vocab-size {args.vocab_size} is too small: a byte-level BPE needs the 256 '
+                      'byte symbols and <|endoftext|>, so at least 257')
+  if args.vocab_size > 2 ** 32:
+    raise ConfigError(f'--vocab-size {args.vocab_size:,} is too large: token ids are at most 32 bits '
+                      f'({2 ** 32:,} ids)')
+  if args.min_frequency < 0:
+    raise ConfigError(f'--min-frequency {args.min_frequency} must be at least 0')
+  corpus = sources.from_args(args)
+  empty = sources.check_inputs(corpus)
+  out = args.out
+  sources.check_output(out, '--out', corpus.paths)
+  if out.suffix == '.model':
+    raise ConfigError(f"--out '{out}': a .model file is read as a sentencepiece model, and this writes "
+                      'a Hugging Face tokenizer.json; give it another name, e.g. --out tokenizer.json')
+  sources.warn_inputs(corpus, empty)
+  if args.vocab_size > 1 << 20:
+    errors.warn(f'--vocab-size {args.vocab_size:,} is over a million ids; a typo? (GPT-2 has 50,257)')
+  if out.exists():
+    errors.warn(f'{out} already exists; it is replaced once the new tokenizer is trained')
+  new_dirs = sources.missing_dirs(out)
   try:
-    docs = sources.iter_texts(sources.from_args(args))
-    tok = train_bpe(docs, args.vocab_size, args.out, args.min_frequency)
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    tok = train_bpe(sources.iter_texts(corpus), args.vocab_size, out, args.min_frequency)
   except KeyboardInterrupt:
-    print('shardlm: error: interrupted; no tokenizer written', file=sys.stderr)
+    sources.remove_dirs(new_dirs)
+    print('shardlm: error: interrupted; no tokenizer written', file=sys.stderr, flush=True)
     sys.exit(130)
-  print(f'wrote {args.out}: byte-level BPE, {tok.vocab_size:,} ids, end-of-document '
+  except OSError as e:
+    sources.remove_dirs(new_dirs)
+    raise ConfigError(f'{e.filename or out}: {e.strerror}; no tokenizer written') from None
+  except BaseException:
+    sources.remove_dirs(new_dirs)
+    raise
+  if tok.vocab_size < args.vocab_size:
+    errors.warn(f'the corpus gave only {tok.vocab_size:,} of the {args.vocab_size:,} ids asked for: '
+                'too little text (or --min-frequency too high) for more merges')
+  print(f'wrote {out}: byte-level BPE, {tok.vocab_size:,} ids, end-of-document '
         f'<|endoftext|> = {tok.eod_id}')
+
+
+def main(argv=None):
+  """The CLI: bad input of any kind is one `shardlm: error:` line and exit status 2."""
+  errors.run_cli(_main, argv)
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ from flax import nnx
 from shardlm.model.gpt import lm_loss
 from shardlm.model.layers import RESIDUAL, Embed, LayerNorm, project
 from shardlm.model.transformer import Stack, TransformerConfig
-from shardlm.sharding import constrain
+from shardlm.model.axes import constrain
 
 # A batch: ids, token types, padding mask (True = real), MLM targets and where they count, and
 # the sentence-order label (1 = the two segments were swapped).

@@ -5,7 +5,7 @@ from flax import nnx
 
 from shardlm.model.layers import RESIDUAL, Embed, LayerNorm
 from shardlm.model.transformer import Stack, TransformerConfig
-from shardlm.sharding import constrain
+from shardlm.model.axes import constrain
 
 GPTConfig = TransformerConfig
 BATCH_AXES = ('batch', None)  # tokens [B, T+1]: inputs and, shifted by one, targets

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from shardlm.model.attention import attend
-from shardlm.sharding import constrain
+from shardlm.model.axes import constrain
 
 RESIDUAL = ('batch', 'length', 'act_embed')
 

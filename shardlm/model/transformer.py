@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shardlm.model.layers import MLP, RESIDUAL, LayerNorm, SelfAttention
-from shardlm.sharding import constrain
+from shardlm.model.axes import constrain
 
 # What each remat policy keeps from the forward pass; everything else is recomputed.
 # `selective` recomputes only the attention core (scores, softmax, attention over values),
@@ -42,15 +42,14 @@ class TransformerConfig:
   param_dtype: str = 'float32'
 
   @classmethod
-  def from_config(cls, model_cfg, padded_vocab: int) -> 'TransformerConfig':
+  def from_config(cls, model_cfg, padded_vocab: int, **fixed) -> 'TransformerConfig':
+    """From the config's `model` section; `fixed`: the fields a model kind sets (causal, ...)."""
     m = model_cfg
-    bert = m.kind == 'bert'
     return cls(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim or 4 * m.hidden, seq_len=m.seq_len, vocab_size=m.vocab_size,
                padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
                attention=m.attention, window=m.window, scan_layers=m.scan_layers,
-               causal=not bert, post_ln=m.post_ln,
-               gelu_approximate=not bert, dtype=m.dtype, param_dtype=m.param_dtype)
+               post_ln=m.post_ln, dtype=m.dtype, param_dtype=m.param_dtype, **fixed)
 
 
 class Block(nnx.Module):

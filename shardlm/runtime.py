@@ -1,0 +1,154 @@
+"""The model on a mesh: mesh, rules, model definition, parameter shardings and `apply()`.
+
+Nothing here is about training: evaluation, generation, conversion and checkpoint restores use a
+`Runtime` and never build an optimizer; `shardlm.train` adds the optimizer and the step on top.
+"""
+import dataclasses
+import math
+
+import jax
+from flax import nnx
+
+from shardlm import kinds, sharding
+from shardlm.checkpoint.format import Target
+from shardlm.errors import ConfigError
+from shardlm.model import axes
+from shardlm.model.transformer import TransformerConfig
+
+CHOICES = {'remat': ('none', 'full', 'selective'),
+           'attention': ('dense', 'local', 'alternating'),
+           'dtype': ('float32', 'bfloat16', 'float16'),
+           'param_dtype': ('float32', 'bfloat16')}
+
+
+@dataclasses.dataclass
+class Runtime:
+  """A model kind on a mesh. `params` everywhere is the pure dict of parameter arrays."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  kind: kinds.Kind
+  model_config: TransformerConfig
+  graphdef: object           # the model's structure; nnx.merge(graphdef, params) gives the model
+  abstract_params: dict      # jax.ShapeDtypeStruct per parameter: shapes, no memory
+  param_shardings: dict
+  batch_sharding: object     # NamedSharding of a batch (a tree of them for BERT)
+
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def sharding(self, names):
+    """The NamedSharding of an array whose axes carry these logical names."""
+    return sharding.named(self.mesh, self.rules, names)
+
+  def apply(self, params, *args, method: str = '__call__', **kwargs):
+    """Calls the model (or one of its methods) with activation layouts pinned by the rules.
+
+    For use inside a traced (jitted) function."""
+    with axes.use(self.mesh, self.rules):
+      return getattr(nnx.merge(self.graphdef, params), method)(*args, **kwargs)
+
+  def objective(self, params, batch):
+    """(loss, extra metrics) of one batch: the kind's training objective."""
+    with axes.use(self.mesh, self.rules):
+      return self.kind.objective(nnx.merge(self.graphdef, params), batch)
+
+  def constrain(self, x, names):
+    """Pins an array to the layout its logical names map to (inside a traced function)."""
+    with axes.use(self.mesh, self.rules):
+      return axes.constrain(x, names)
+
+  def new_params(self, seed: int) -> dict:
+    """The model's parameters drawn from `seed`; traced, or eager."""
+    with nnx.use_eager_sharding(False):  # logical names are not mesh axes: the rules shard
+      return nnx.to_pure_dict(nnx.state(self.kind.model(self.model_config, rngs=nnx.Rngs(seed)),
+                                        nnx.Param))
+
+  def target(self) -> Target:
+    """What a checkpoint's parameters are restored into, on this mesh."""
+    return Target(abstract=self.abstract_params, shardings=self.param_shardings,
+                  padded_vocab=self.model_config.padded_vocab, kind=self.kind.name,
+                  mesh_shape=dict(self.mesh.shape))
+
+  def init_params(self, seed: int) -> dict:
+    """Parameters created directly in their shards (jitted with out_shardings)."""
+    return jax.jit(self.new_params, static_argnums=0, out_shardings=self.param_shardings)(seed)
+
+
+def split_ways(shape: dict, rules, name: str) -> int:
+  """Into how many shards the rules split an axis with this logical name."""
+  for logical, to in rules:
+    if logical == name:
+      return math.prod(shape[a] for a in ((to,) if isinstance(to, str) else to or ()))
+  return 1
+
+
+def padded_vocab(model_cfg, vocab_ways: int) -> int:
+  """Vocabulary padded to a multiple of vocab_multiple x the vocabulary's split (Megatron's rule:
+  128 x the tensor-parallel size)."""
+  m = model_cfg.vocab_multiple * vocab_ways
+  return -(-model_cfg.vocab_size // m) * m if m else model_cfg.vocab_size
+
+
+def check_model(cfg, shape: dict, rules) -> None:
+  """The `model` section against itself and the mesh; the kind's own checks."""
+  m = cfg.model
+  kind = kinds.get(m.kind)
+  for key in ('num_layers', 'hidden', 'num_heads', 'seq_len', 'vocab_size'):
+    if m[key] <= 0:
+      raise ConfigError(f'model.{key}={m[key]} must be positive')
+  for key, allowed in CHOICES.items():
+    if m[key] not in allowed:
+      raise ConfigError(f"model.{key}='{m[key]}' is not one of {', '.join(allowed)}")
+  if m.hidden % m.num_heads:
+    raise ConfigError(f'model.hidden={m.hidden} is not divisible by model.num_heads={m.num_heads}')
+  if m.mlp_dim < 0:
+    raise ConfigError(f'model.mlp_dim={m.mlp_dim} must be >= 0 (0 means 4 x model.hidden)')
+  if m.vocab_multiple < 0:
+    raise ConfigError(f'model.vocab_multiple={m.vocab_multiple} must be >= 0 (0 turns padding off)')
+  mesh_text = lambda name: ' x '.join(
+      f'mesh.{a}={shape[a]}' for logical, to in rules if logical == name
+      for a in ((to,) if isinstance(to, str) else to or ()))
+  heads = split_ways(shape, rules, 'heads')
+  if m.num_heads % heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} is not divisible by {mesh_text("heads")}; '
+                      f'choose among {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]}')
+  mlp, mlp_ways = m.mlp_dim or 4 * m.hidden, split_ways(shape, rules, 'mlp')
+  if mlp % mlp_ways:
+    raise ConfigError(f'model.mlp_dim={mlp} is not divisible by {mesh_text("mlp")}')
+  vocab = split_ways(shape, rules, 'vocab')
+  if m.vocab_multiple == 0 and m.vocab_size % vocab:
+    raise ConfigError(f'model.vocab_size={m.vocab_size} is not divisible by {mesh_text("vocab")} '
+                      'and vocabulary padding is off (model.vocab_multiple=0); set '
+                      'model.vocab_multiple=128')
+  if m.attention != 'dense' and m.window <= 0:
+    raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
+  kind.check(cfg)
+
+
+def build(cfg, devices=None) -> Runtime:
+  """The model of `cfg` on a mesh of `devices` (default: all); validated before anything runs."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = sharding.mesh_shape(cfg, len(devices))
+  rules = sharding.rules_from_config(cfg)
+  check_model(cfg, shape, rules)
+  kind = kinds.get(cfg.model.kind)
+  mesh = sharding.make_mesh(shape, devices)
+  mc = TransformerConfig.from_config(cfg.model, padded_vocab(cfg.model, split_ways(shape, rules, 'vocab')),
+                                     **kind.transformer)
+
+  # Abstract: shapes and logical names only, no memory.
+  with nnx.use_eager_sharding(False):
+    abstract_model = nnx.eval_shape(lambda: kind.model(mc, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(abstract_model, nnx.Param)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  param_shardings = sharding.logical_to_sharding(logical, mesh, rules)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 nnx.to_pure_dict(abstract))
+  sharding.check_divisible(abstract_params, param_shardings, 'parameter')
+  batch_sharding = jax.tree.map(lambda names: sharding.named(mesh, rules, names), kind.batch_axes,
+                                is_leaf=lambda x: isinstance(x, tuple))
+  return Runtime(cfg=cfg, mesh=mesh, rules=rules, kind=kind, model_config=mc, graphdef=graphdef,
+                 abstract_params=abstract_params, param_shardings=param_shardings,
+                 batch_sharding=batch_sharding)
