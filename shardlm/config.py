@@ -10,7 +10,7 @@ import ml_collections
 from shardlm.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
-SECTIONS = ('model', 'mesh', 'sharding', 'data', 'optimizer', 'train', 'checkpoint', 'log')
+SECTIONS = ('model', 'mesh', 'sharding', 'data', 'optimizer', 'train', 'checkpoint', 'log', 'dist')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -19,7 +19,7 @@ def defaults() -> ml_collections.ConfigDict:
       model=dict(kind='gpt', num_layers=12, hidden=768, num_heads=12,
                  mlp_dim=0,  # 0 means 4 x hidden
                  seq_len=1024, vocab_size=50257,
-                 vocab_multiple=128,  # padded to a multiple of this x mesh.model (0: no padding)
+                 vocab_multiple=128,  # padded to a multiple of this x the vocab's split (0: no padding)
                  init_std=0.02, ln_eps=1e-5, dtype='float32', param_dtype='float32',
                  remat='none',
                  attention='dense',  # dense | local (sliding window) | alternating (dense, local, ...)
@@ -53,6 +53,18 @@ def defaults() -> ml_collections.ConfigDict:
                       keep_every=0,    # ...and every step that is a multiple of this (0: none)
                       asynchronous=True),  # write in the background while training goes on
       log=dict(every=10, tensorboard=True, progress=True),
+      # Many processes (shardlm.distributed): found from SLURM, Open MPI or JAX_* variables by
+      # default; explicit settings for a hand-made cluster. Timeouts in seconds.
+      dist=dict(method='auto',        # auto | none | slurm | ompi | tpu | explicit
+                coordinator='',       # HOST:PORT of process 0 (explicit)
+                num_processes=0, process_id=-1,
+                local_device_ids='',  # e.g. '0,1,2,3': this process's GPUs
+                init_timeout=300.0,   # to wait for every process to join
+                heartbeat_timeout=60.0,  # a process silent this long is dead: the others stop
+                shutdown_timeout=120.0,
+                # A `model` axis spanning hosts runs every layer's collectives over the slow
+                # network; refused unless this is set.
+                allow_model_across_hosts=False),
   ))
 
 
@@ -128,6 +140,36 @@ def check_schema(cfg: ml_collections.ConfigDict, where: str = 'config') -> None:
                           'integer')
       continue
     raise ConfigError(f"{where} sets unknown config key '{key}'{_hint(key, valid)}")
+  have = set(_all_keys(cfg))
+  for key in valid:
+    if key not in have:
+      raise ConfigError(f"{where} lacks config key '{key}' (start from shardlm.config.defaults() and "
+                        'change values rather than replace sections)')
+    value, default = _get(cfg, key), _get(reference, key)
+    if not _same_kind(value, default):
+      raise ConfigError(f"{where} sets '{key}' to {value!r}; it takes {_kind(default)} "
+                        f'(default {default!r})')
+
+
+def _get(cfg, key: str):
+  for part in key.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def _same_kind(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return type(value) is type(default)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def _kind(default) -> str:
+  return {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string'}.get(
+      type(default), 'a tuple')
 
 
 def _all_keys(cfg, prefix=''):

@@ -14,9 +14,13 @@ class ArgumentParser(argparse.ArgumentParser):
     raise ConfigError(f'{message} (see {self.prog} --help)')
 
 
+def print_error(message) -> None:
+  print(f'shardlm: error: {message}', file=sys.stderr, flush=True)
+
+
 def fail(error: Exception):
   """Prints `error` as shardlm's one line and exits with status 2."""
-  print(f'shardlm: error: {error}', file=sys.stderr, flush=True)
+  print_error(error)
   sys.exit(2)
 
 

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from shardlm import errors, inference
@@ -136,8 +137,9 @@ def _main(argv):
                         len(data.encode('utf-8')), max(len(data.split()), 1))
   else:
     result = lambada(model.score, data, model.tokenizer, T, args.batch_size)
-  print(json.dumps({'task': args.task, 'data': str(args.data), 'checkpoint': str(model.source),
-                    **result}, indent=2))
+  if jax.process_index() == 0:  # many processes: the first one prints
+    print(json.dumps({'task': args.task, 'data': str(args.data), 'checkpoint': str(model.source),
+                      **result}, indent=2))
 
 
 if __name__ == '__main__':

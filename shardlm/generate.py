@@ -56,10 +56,15 @@ class Generator:
     def init_cache(params, batch, length):
       return rt.apply(params, batch, length, method='init_cache')
 
+    def next_token(logits_bv, seed, t, temperature, top_k, top_p):
+      return sample(logits_bv, jax.random.fold_in(jax.random.key(seed), t), temperature, top_k, top_p)
+
+    # Inputs go in as numpy (the same in every process) and the sampled tokens come out
+    # replicated, so that any process of a multi-process job can read them.
     self._cached = jax.jit(cached, donate_argnums=2)
     self._full = jax.jit(full)
     self._init_cache = jax.jit(init_cache, static_argnums=(1, 2))
-    self._sample = jax.jit(sample, static_argnums=(2, 3, 4))
+    self._next = jax.jit(next_token, static_argnums=(1, 3, 4, 5), out_shardings=rt.replicated)
 
   def __call__(self, prompts: list[np.ndarray], max_tokens: int, temperature=0.0, top_k=0,
                top_p=1.0, seed=0, use_cache=True, on_token=None) -> list[np.ndarray]:
@@ -72,8 +77,7 @@ class Generator:
     ids = np.zeros((B, S), np.int32)  # left-padded: every row's next token is at the same place
     for b, p in enumerate(prompts):
       ids[b, P - len(p):P] = p
-    start = jnp.asarray([P - len(p) for p in prompts], jnp.int32)
-    key = jax.random.key(seed)
+    start = np.asarray([P - len(p) for p in prompts], np.int32)
     done = np.zeros(B, bool)
     out = [[] for _ in range(B)]
     if not use_cache and len({len(p) for p in prompts}) > 1:
@@ -83,12 +87,12 @@ class Generator:
       pos = P + t
       if use_cache:
         first = 0 if t == 0 else pos - 1  # the prefill takes the whole prompt at once
-        logits, cache = self._cached(self.params, jnp.asarray(ids[:, first:pos]), cache,
-                                     {'pos': jnp.int32(first), 'start': start})
+        logits, cache = self._cached(self.params, ids[:, first:pos], cache,
+                                     {'pos': np.int32(first), 'start': start})
       else:
-        logits = self._full(self.params, jnp.asarray(ids), jnp.int32(pos))
-      token = np.asarray(self._sample(logits, jax.random.fold_in(key, t), float(temperature),
-                                      int(top_k), float(top_p)))
+        logits = self._full(self.params, ids, np.int32(pos))
+      token = np.asarray(self._next(logits, int(seed), np.int32(t), float(temperature),
+                                    int(top_k), float(top_p)))
       ids[:, pos] = token
       for b in range(B):
         if not done[b]:
@@ -127,6 +131,8 @@ def check_sampling(args) -> None:
     raise ConfigError(f'--max-tokens {args.max_tokens} must be >= 1 (0: as many as fit, up to 200)')
   if args.top_k < 0:
     raise ConfigError(f'--top-k {args.top_k} must be >= 0 (0: off)')
+  if not -2**63 < args.seed < 2**63:
+    raise ConfigError(f'--seed {args.seed} must fit in 64 bits')
   if not 0 < args.top_p <= 1:  # nan fails this too
     raise ConfigError(f'--top-p {args.top_p} must lie in (0, 1] (1: off)')
   if args.temperature == 0 and (args.top_k or args.top_p < 1):
@@ -166,7 +172,8 @@ def _main(argv):
                       f"exceeds the model's {model.cfg.model.seq_len} positions; shorten the prompt "
                       'or --max-tokens')
   gen = Generator(model.rt, model.params, model.tokenizer.eod_id)
-  stream = len(texts) == 1
+  show = jax.process_index() == 0  # many processes: the first one prints
+  stream = show and len(texts) == 1
   if stream:
     print(texts[0], end='', flush=True)
   emitted = []
@@ -183,6 +190,8 @@ def _main(argv):
   outs = gen(prompts, max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
              on_token=on_token)
   dt = time.perf_counter() - t0
+  if not show:
+    return
   if stream:
     print()
   else:

@@ -6,8 +6,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from shardlm import checkpoint, config as config_lib, runtime
+from shardlm import checkpoint, config as config_lib, distributed, runtime
 from shardlm.data import tokenizer as tokenizer_lib
 from shardlm.errors import ConfigError
 from shardlm.model.gpt import mask_padding, token_nll
@@ -23,7 +24,8 @@ class Loaded:
 
   def score(self, tokens_bt):
     """Per-token loss and whether the top prediction is right: ([B, T], [B, T]) numpy."""
-    return jax.device_get(self._score(self.params, jnp.asarray(tokens_bt, jnp.int32)))
+    # numpy in (the same rows in every process), replicated out: read back on any process.
+    return jax.device_get(self._score(self.params, np.asarray(tokens_bt, np.int32)))
 
   @functools.cached_property
   def _score(self):
@@ -35,15 +37,16 @@ class Loaded:
       nll_bt = token_nll(logits_btv, tokens_bt[:, 1:], vocab_size)
       top_bt = jnp.argmax(mask_padding(logits_btv, vocab_size), axis=-1)
       return nll_bt, top_bt == tokens_bt[:, 1:]
-    return jax.jit(score)
+    return jax.jit(score, out_shardings=rt.replicated)
 
 
 def load(directory, overrides=(), devices=None) -> Loaded:
   """The latest checkpoint under `directory` (a run, a checkpoints folder, or one checkpoint).
 
-  The model config comes from the checkpoint; the mesh defaults to every device on the model
-  axis (Megatron tensor parallelism, the cache split over heads), falling back to fewer when
-  the heads do not divide; `--config.mesh.*` overrides choose another.
+  The model config comes from the checkpoint; the mesh defaults to every device of a host on the
+  model axis (Megatron tensor parallelism, the cache split over heads), falling back to fewer
+  when the heads do not divide, and data parallelism over the rest; `--config.mesh.*` overrides
+  choose another. Joins a multi-process job first (shardlm.distributed), as the CLIs do.
   """
   path = checkpoint.find(directory)
   try:
@@ -55,19 +58,25 @@ def load(directory, overrides=(), devices=None) -> Loaded:
   if not runtime.kinds.get(cfg.model.kind).causal_lm:
     raise ConfigError(f'checkpoint {path} holds a {cfg.model.kind} model; evaluation and '
                       'generation take a causal language model (a GPT)')
-  devices = list(devices if devices is not None else jax.devices())
-  model = max(d for d in range(1, len(devices) + 1)
-              if len(devices) % d == 0 and cfg.model.num_heads % d == 0)
-  cfg.mesh.update({axis: 1 for axis in cfg.mesh.keys()})
-  cfg.mesh.update(data=-1, model=model)
-  # Where the training run resumed or started from is history here, and may be gone.
+  # Where the training run resumed or started from is history here, and may be gone; so is the
+  # cluster it ran on.
   cfg.train.update(resume='none', init_from='')
   cfg.checkpoint.dir = ''
+  cfg.dist = config_lib.defaults().dist
+  cfg.mesh.update({axis: 1 for axis in cfg.mesh.keys()})
+  cfg.mesh.data = -1
   for arg in overrides:
     if not arg.startswith('--config.') or '=' not in arg:
       raise ConfigError(f"unexpected argument '{arg}'; expected --config.section.key=value")
     key, raw = arg[len('--config.'):].split('=', 1)
     config_lib.override(cfg, key, raw)
+  distributed.initialize(cfg)  # before anything touches a device
+  devices = list(devices if devices is not None else jax.devices())
+  if not any(a.startswith('--config.mesh.model=') for a in overrides):
+    # Every device of a host on the model axis, as many as divide the heads.
+    local = min(len(devices), jax.local_device_count())
+    cfg.mesh.model = max(d for d in range(1, local + 1)
+                         if local % d == 0 and cfg.model.num_heads % d == 0)
   rt = runtime.build(cfg, devices)
   params, path, meta = checkpoint.restore_params(path, rt.target())
   # The tokenizer it was trained with: --config.data.tokenizer=... overrides; a checkpoint that

@@ -9,7 +9,7 @@ import math
 import jax
 from flax import nnx
 
-from shardlm import kinds, sharding
+from shardlm import distributed, kinds, sharding
 from shardlm.checkpoint.format import Target
 from shardlm.errors import ConfigError
 from shardlm.model import axes
@@ -76,14 +76,6 @@ class Runtime:
     return jax.jit(self.new_params, static_argnums=0, out_shardings=self.param_shardings)(seed)
 
 
-def split_ways(shape: dict, rules, name: str) -> int:
-  """Into how many shards the rules split an axis with this logical name."""
-  for logical, to in rules:
-    if logical == name:
-      return math.prod(shape[a] for a in ((to,) if isinstance(to, str) else to or ()))
-  return 1
-
-
 def padded_vocab(model_cfg, vocab_ways: int) -> int:
   """Vocabulary padded to a multiple of vocab_multiple x the vocabulary's split (Megatron's rule:
   128 x the tensor-parallel size)."""
@@ -105,21 +97,24 @@ def check_model(cfg, shape: dict, rules) -> None:
     raise ConfigError(f'model.hidden={m.hidden} is not divisible by model.num_heads={m.num_heads}')
   if m.mlp_dim < 0:
     raise ConfigError(f'model.mlp_dim={m.mlp_dim} must be >= 0 (0 means 4 x model.hidden)')
+  for key in ('init_std', 'ln_eps'):
+    if not (math.isfinite(m[key]) and m[key] > 0):
+      raise ConfigError(f'model.{key}={m[key]} must be a positive number')
   if m.vocab_multiple < 0:
     raise ConfigError(f'model.vocab_multiple={m.vocab_multiple} must be >= 0 (0 turns padding off)')
-  mesh_text = lambda name: ' x '.join(
-      f'mesh.{a}={shape[a]}' for logical, to in rules if logical == name
-      for a in ((to,) if isinstance(to, str) else to or ()))
-  heads = split_ways(shape, rules, 'heads')
+  text = lambda name: sharding.split_text(shape, rules, name)
+  heads = sharding.split_ways(shape, rules, 'heads')
   if m.num_heads % heads:
-    raise ConfigError(f'model.num_heads={m.num_heads} is not divisible by {mesh_text("heads")}; '
-                      f'choose among {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]}')
-  mlp, mlp_ways = m.mlp_dim or 4 * m.hidden, split_ways(shape, rules, 'mlp')
-  if mlp % mlp_ways:
-    raise ConfigError(f'model.mlp_dim={mlp} is not divisible by {mesh_text("mlp")}')
-  vocab = split_ways(shape, rules, 'vocab')
+    divisors = [d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]
+    raise ConfigError(f'model.num_heads={m.num_heads} is not divisible by {text("heads")}; the '
+                      f"heads' split ({' x '.join(sharding.mapped_to(rules, 'heads'))}) must be one "
+                      f'of {divisors}')
+  mlp = m.mlp_dim or 4 * m.hidden
+  if mlp % sharding.split_ways(shape, rules, 'mlp'):
+    raise ConfigError(f'model.mlp_dim={mlp} is not divisible by {text("mlp")}')
+  vocab = sharding.split_ways(shape, rules, 'vocab')
   if m.vocab_multiple == 0 and m.vocab_size % vocab:
-    raise ConfigError(f'model.vocab_size={m.vocab_size} is not divisible by {mesh_text("vocab")} '
+    raise ConfigError(f'model.vocab_size={m.vocab_size} is not divisible by {text("vocab")} '
                       'and vocabulary padding is off (model.vocab_multiple=0); set '
                       'model.vocab_multiple=128')
   if m.attention != 'dense' and m.window <= 0:
@@ -134,9 +129,9 @@ def build(cfg, devices=None) -> Runtime:
   rules = sharding.rules_from_config(cfg)
   check_model(cfg, shape, rules)
   kind = kinds.get(cfg.model.kind)
-  mesh = sharding.make_mesh(shape, devices)
-  mc = TransformerConfig.from_config(cfg.model, padded_vocab(cfg.model, split_ways(shape, rules, 'vocab')),
-                                     **kind.transformer)
+  mesh = sharding.make_mesh(shape, devices, distributed.host_of, cfg.dist.allow_model_across_hosts)
+  vocab = padded_vocab(cfg.model, sharding.split_ways(shape, rules, 'vocab'))
+  mc = TransformerConfig.from_config(cfg.model, vocab, **kind.transformer)
 
   # Abstract: shapes and logical names only, no memory.
   with nnx.use_eager_sharding(False):

@@ -4,6 +4,8 @@ import math
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 from shardlm import config as config_lib
@@ -26,6 +28,26 @@ PRESETS = {
     'fsdp': _BATCH + _FSDP,
     'megatron_fsdp': _BATCH + _TENSOR + _FSDP,
 }
+
+
+def axes_of(to) -> tuple[str, ...]:
+  """The mesh axes of a rule's right-hand side: an axis name, a tuple of them, or None."""
+  return (to,) if isinstance(to, str) else tuple(to or ())
+
+
+def mapped_to(rules, name: str) -> tuple[str, ...]:
+  """The mesh axes the first rule for logical `name` maps it onto (none: replicated)."""
+  return next((axes_of(to) for logical, to in rules if logical == name), ())
+
+
+def split_ways(shape: dict, rules, name: str) -> int:
+  """Into how many shards the rules split an axis with this logical name."""
+  return math.prod(shape[a] for a in mapped_to(rules, name))
+
+
+def split_text(shape: dict, rules, name: str) -> str:
+  """'mesh.data=2 x mesh.fsdp=2': what splits `name`, for error messages."""
+  return ' x '.join(f'mesh.{a}={shape[a]}' for a in mapped_to(rules, name)) or 'no mesh axis'
 
 
 def mesh_axes(cfg) -> tuple[str, ...]:
@@ -89,7 +111,7 @@ def rules_from_config(cfg) -> tuple:
                           f"valid: {', '.join(names)} or None")
     rules.append((name, to if isinstance(to, str) or to is None else tuple(to)))
   rules = tuple(rules) + tuple(PRESETS[preset])
-  used = {a for _, to in rules for a in ((to,) if isinstance(to, str) else to or ())}
+  used = {a for _, to in rules for a in axes_of(to)}
   standard = set(config_lib.defaults().mesh.keys())
   for name in names:
     if name not in standard and name not in used:
@@ -107,7 +129,7 @@ def check_divisible(abstract_tree, shardings, what: str) -> None:
   for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
                               jax.tree.leaves(shardings)):
     for dim, to in zip(leaf.shape, sh.spec):
-      names = (to,) if isinstance(to, str) else tuple(to or ())
+      names = axes_of(to)
       size = math.prod(sh.mesh.shape[a] for a in names)
       if dim % size:
         raise ConfigError(f'{what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be '
@@ -115,10 +137,79 @@ def check_divisible(abstract_tree, shardings, what: str) -> None:
                           f'{size}; change the model size, the mesh, or sharding.rules')
 
 
-def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh of these {axis: size} with Auto axes, so GSPMD propagation is on."""
-  return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape),
+# Axes whose collectives run in every layer (tensor parallelism): across hosts only when the
+# config allows it (dist.allow_model_across_hosts).
+WITHIN_HOST = ('model',)
+
+
+def split_over_hosts(shape: dict[str, int], num_hosts: int, allow_model: bool = False) -> dict[str, int]:
+  """{axis: how many hosts it spans}: the hosts go to the slowest axes first (added axes, data,
+  stage, fsdp, context; model only if allowed), each taking what divides its size."""
+  across, left = {name: 1 for name in shape}, num_hosts
+  for name in shape:  # mesh order: slowest links first
+    if left == 1:
+      break
+    f = math.gcd(shape[name], left)
+    if f > 1 and name in WITHIN_HOST and not allow_model:
+      raise ConfigError(f'mesh {_text(shape)} over {num_hosts} hosts would split mesh.{name} across '
+                        f'hosts (its collectives run in every layer, over the slow network); give '
+                        f'the slower axes (data, fsdp) {num_hosts} hosts between them, or set '
+                        'dist.allow_model_across_hosts=true')
+    across[name], left = f, left // f
+  if left > 1:
+    raise ConfigError(f'mesh {_text(shape)} cannot be laid over {num_hosts} hosts: no axis sizes '
+                      f'take the remaining factor {left}; make mesh.data a multiple of {num_hosts}')
+  return across
+
+
+def _text(shape: dict) -> str:
+  return ' x '.join(f'{n}={s}' for n, s in shape.items())
+
+
+def make_mesh(shape: dict[str, int], devices=None, host_of=None,
+              allow_model_across_hosts: bool = False) -> jax.sharding.Mesh:
+  """A mesh of these {axis: size} with Auto axes (GSPMD propagation on).
+
+  Over several hosts (`host_of(process_index)` gives a device's host) it is a hybrid mesh: each
+  axis's size is a within-host part times an across-hosts part, and the devices of one host fill
+  the within-host parts, as mesh_utils.create_hybrid_device_mesh lays them, so that the fast axes
+  stay inside a host.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  host_of = host_of or (lambda p: p)
+  groups = {}
+  for d in devices:
+    groups.setdefault(host_of(d.process_index), []).append(d)
+  names = tuple(shape)
+  if len(groups) > 1:
+    across = split_over_hosts(shape, len(groups), allow_model_across_hosts)
+    within = tuple(shape[n] // across[n] for n in names)
+    per_host = [mesh_utils.create_device_mesh(within, sorted(g, key=lambda d: d.id))
+                for g in groups.values()]
+    grid = _hybrid(per_host, across, within, names)
+    return jax.sharding.Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+  return jax.make_mesh(tuple(shape.values()), names, axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
+
+
+def _hybrid(per_host: list, across: dict, within: tuple, names: tuple) -> np.ndarray:
+  """Host meshes [within] arranged on the across-hosts grid: index = host part x within + own."""
+  k = len(names)
+  stacked = np.stack(per_host).reshape(*(across[n] for n in names), *within)
+  # [a_0, ..., a_k-1, w_0, ..., w_k-1] -> [a_0, w_0, a_1, w_1, ...] -> [a_0 w_0, a_1 w_1, ...]
+  order = [i for pair in zip(range(k), range(k, 2 * k)) for i in pair]
+  return stacked.transpose(order).reshape(*(across[n] * w for n, w in zip(names, within)))
+
+
+def hosts_spanned(mesh, host_of=None) -> dict[str, int]:
+  """{axis: how many hosts one of its groups spans}, for the log."""
+  host_of = host_of or (lambda p: p)
+  ids = np.vectorize(lambda d: host_of(d.process_index), otypes=[object])(mesh.devices)
+  out = {}
+  for i, name in enumerate(mesh.axis_names):
+    line = np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])
+    out[name] = max(len(set(row)) for row in line)
+  return out
 
 
 def logical_to_sharding(tree, mesh, rules):
@@ -133,8 +224,9 @@ def named(mesh, rules, names):
   return axes.named_sharding(mesh, rules, names)
 
 
-def describe(mesh, rules) -> str:
-  """One line for the log: the mesh and the rules that shard something."""
-  shape = ' x '.join(f'{n}={s}' for n, s in mesh.shape.items())
+def describe(mesh, rules, host_of=None) -> str:
+  """One line for the log: the mesh, which axes cross hosts, and the rules that shard something."""
+  spans = {n: h for n, h in hosts_spanned(mesh, host_of).items() if h > 1}
+  across = (f" ({', '.join(f'{n} across {h} hosts' for n, h in spans.items())})" if spans else '')
   used = ', '.join(f'{n}->{a}' for n, a in rules if a is not None)
-  return f'mesh {shape}; rules {used}'
+  return f'mesh {_text(dict(mesh.shape))}{across}; rules {used}'

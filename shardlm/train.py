@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shardlm import checkpoint, config as config_lib, errors, grad_accum, optim, perf, runtime, sharding
+from shardlm import (checkpoint, config as config_lib, distributed, errors, grad_accum, optim, perf,
+                     runtime, sharding)
 from shardlm.data import loader, tokenizer as tokenizer_lib
 from shardlm.errors import ConfigError
 from shardlm.logger import Logger, duration, summary
@@ -39,9 +40,8 @@ class Trainer:
 
   def target(self) -> checkpoint.Target:
     """What a checkpoint of the train state is restored into."""
-    return checkpoint.Target(abstract=jax.eval_shape(self.init), shardings=self.state_shardings,
-                             padded_vocab=self.rt.model_config.padded_vocab, kind=self.rt.kind.name,
-                             mesh_shape=dict(self.rt.mesh.shape))
+    return dataclasses.replace(self.rt.target(), abstract=jax.eval_shape(self.init),
+                               shardings=self.state_shardings)
 
 
 def check_config(cfg, rt: runtime.Runtime) -> None:
@@ -56,9 +56,8 @@ def check_config(cfg, rt: runtime.Runtime) -> None:
   loader.check_config(cfg.data)
   optim.check_config(cfg.optimizer)
   shape = dict(rt.mesh.shape)
-  batch_ways = runtime.split_ways(shape, rt.rules, 'batch')
-  over = ' x '.join(f'mesh.{a}' for logical, to in rt.rules if logical == 'batch'
-                    for a in ((to,) if isinstance(to, str) else to or ())) or 'the batch split'
+  batch_ways = sharding.split_ways(shape, rt.rules, 'batch')
+  over = sharding.split_text(shape, rt.rules, 'batch')
   if cfg.data.batch_size % batch_ways:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by {over} = {batch_ways}')
   k = cfg.optimizer.grad_accum_steps
@@ -221,6 +220,14 @@ def progress_line(done: int, total: int, record: dict, eta_s: float) -> str:
           f'{summary({k: v for k, v in record.items() if k not in _CORE})} | ETA {duration(eta_s)}')
 
 
+def stop_preempted(ckpt, step: int, log: Logger):
+  """Preemption: every process saved at the agreed step; wait for the commit, and stop."""
+  ckpt.close()
+  log.print(f'preempted: SIGTERM; checkpoint at step {step} -> {ckpt.dir / str(step)}; '
+            f'exiting with status {distributed.EXIT_PREEMPTED}; run the same command to resume')
+  raise distributed.Preempted(step)
+
+
 def validation(t: Trainer, params, val_data, num_batches: int) -> dict:
   """{'val_loss', 'val_<metric>' ...}: the means over the first num_batches validation batches."""
   results = jax.device_get([t.eval_metrics(params, val_data.global_batch(i, t.batch_sharding))
@@ -248,8 +255,8 @@ def train(cfg) -> dict:
 
   run_dir = Path(cfg.train.run_dir or f'runs/{cfg.name}')
   log = Logger(run_dir, cfg)
-  log.print(f'shardlm: config {cfg.name}; {jax.device_count()} {jax.devices()[0].platform} '
-            f'device(s), {jax.process_count()} process(es); {sharding.describe(rt.mesh, rt.rules)}')
+  log.print(f'shardlm: config {cfg.name}; {distributed.describe()}')
+  log.print(sharding.describe(rt.mesh, rt.rules, distributed.host_of))
   log.print(f'data: {data.summary}; global batch {B} x {T}')
 
   # State, then the step compiled ahead of time. The run directory is written only after the
@@ -287,16 +294,19 @@ def train(cfg) -> dict:
       state, metrics = step_fn(state, train_data.global_batch(step, rt.batch_sharding))
       pending.append(metrics)
       done = step + 1
-      if done % cfg.log.every == 0 or done == total:
+      preempted = distributed.preempted(done) and done < total  # at the end the run just finishes
+      if done % cfg.log.every == 0 or done == total or preempted:
         now = time.perf_counter()
         last = interval_stats(jax.device_get(pending), now - t_log, B * T, flops_per_step, peak)
         log.print(progress_line(done, total, last, (now - t_start) / (done - start) * (total - done)))
         log.write(done, last)
         pending, t_log = [], now
-      if ckpt.due(done):
+      if ckpt.due(done) or preempted:
         saved = ckpt.save(done, state)  # returns once the state is copied off the devices
         if saved:
           log.print(f'checkpoint: step {done} -> {saved}')
+      if preempted:
+        stop_preempted(ckpt, done, log)
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
         validate(done)
     final_val = validate(total) if total > start else first_val
@@ -325,7 +335,14 @@ def _main(argv):
   if show:
     print(cfg)
     return
-  train(cfg)
+  distributed.initialize(cfg, preemptible=True)  # before anything touches a device
+  try:
+    train(cfg)
+  except distributed.Preempted:
+    sys.exit(distributed.EXIT_PREEMPTED)
+  except Exception as e:  # with many processes: a lost peer breaks collectives; name it first
+    distributed.await_peers(e)
+    raise
 
 
 if __name__ == '__main__':

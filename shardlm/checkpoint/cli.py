@@ -6,6 +6,7 @@ import numpy as np
 
 from shardlm.checkpoint.format import (Unreadable, _list, committed_steps, find, read_arrays,
                                        read_meta, read_params_numpy, save_params)
+from shardlm import errors
 from shardlm.errors import ArgumentParser, ConfigError
 
 DESCRIPTION = ('Asynchronous, atomic, layout-free checkpoints: orbax-checkpoint on tensorstore '
@@ -66,6 +67,10 @@ def export_params(directory, out) -> Path:
 
 
 def main(argv=None):
+  errors.run_cli(_main, argv)
+
+
+def _main(argv):
   parser = ArgumentParser(prog='python -m shardlm.checkpoint', description=DESCRIPTION)
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('inspect', help='step, config, parameter count, arrays, size on disk')
@@ -73,16 +78,12 @@ def main(argv=None):
   p = sub.add_parser('export-params', help='the parameters alone, same format')
   p.add_argument('dir', help='a checkpoint, a directory of them (the latest), or a run directory')
   p.add_argument('out', help='a new directory')
+  a = parser.parse_args(argv)
   try:
-    a = parser.parse_args(argv)
     if a.command == 'inspect':
       inspect(a.dir)
     else:
       out = export_params(a.dir, a.out)
       print(f'exported parameters to {out} ({_mb(_size(out))} on disk)')
   except Unreadable as e:
-    print(f'shardlm: error: checkpoint {a.dir} cannot be read: {e}', file=sys.stderr)
-    sys.exit(2)
-  except ConfigError as e:
-    print(f'shardlm: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    raise ConfigError(f'checkpoint {a.dir} cannot be read: {e}') from None

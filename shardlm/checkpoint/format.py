@@ -123,7 +123,7 @@ def _finalize_abandoned_reads(timeout_s: float = 2.0) -> None:
   while True:
     gc.collect()
     if time.monotonic() > end or not any(
-        isinstance(o, types.CoroutineType) and 'orbax' in o.cr_code.co_filename
+        type(o) is types.CoroutineType and 'orbax' in o.cr_code.co_filename
         for o in gc.get_objects()):
       return
     time.sleep(0.01)
@@ -226,8 +226,9 @@ def restore_args(abstract, shardings, stored: dict, was_padded: int, now_padded:
   """Per leaf of `abstract`: read into its sharding and its current (vocabulary-padded) shape.
 
   Arrays are stored as the writing mesh padded them: the vocabulary to a multiple of
-  128 x mesh.model. Onto a mesh with another model-axis size, tensorstore pads the extra rows
-  with zeros or drops the surplus ones, shard by shard (strict=False). That is exact: padding
+  128 x the number of vocabulary shards (mesh.model under the Megatron presets). Onto a mesh
+  with another split, tensorstore pads the extra rows with zeros or drops the surplus ones,
+  shard by shard (strict=False). That is exact: padding
   rows are zero and never trained (no token id reaches them and their logits are masked, so
   their gradients, Adam moments and weight decay stay zero). Storing the padded shape keeps
   saving a plain copy of the live arrays; slicing to the true vocabulary first would copy the

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from shardlm.checkpoint.format import (FORMAT, Target, Unreadable, _flat, _list, _quietly, _registry,
                                        committed_steps, find, quiet, read_arrays, read_meta,
                                        restore_args)
+from shardlm import distributed, errors
 from shardlm.errors import ConfigError
 
 TRASH = '.trash'  # a name orbax never reads as a step
@@ -133,7 +133,7 @@ class Checkpoints:
         path.rename(aside)
         _warn(f'checkpoint {path} is damaged ({error or "unreadable on another process"}); '
               f'skipped it and moved it to {aside.name}')
-      _sync(f'skipped_{step}')
+      _sync(f'skipped_{step}', self.cfg.dist.init_timeout)
       steps = [t for t in steps if t < step]
     return None, 0, None
 
@@ -243,6 +243,7 @@ class Checkpoints:
       if self._manager is not None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._manager = None  # closing twice (preemption, then the run's end) is harmless
         self._empty_trash()
       for thread in self._deleting:
         thread.join()
@@ -302,10 +303,10 @@ def _aside(path: Path) -> Path:
 
 def _warn(message: str) -> None:
   if jax.process_index() == 0:
-    print(f'shardlm: warning: {message}', file=sys.stderr, flush=True)
+    errors.warn(message)
 
 
-# -- every process the same (a future distributed.py) ------------------------------------------
+# -- every process the same ---------------------------------------------------------------------
 
 def _on_process_0(value: int) -> int:
   """Process 0's value everywhere, so that every process restores the same step."""
@@ -323,7 +324,7 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f'shardlm_checkpoint_{name}')
+def _sync(name: str, timeout_s: float) -> None:
+  """A barrier through the coordination service (never a device collective, which cannot time
+  out); its error names the processes that did not arrive."""
+  distributed.barrier(f'checkpoint_{name}', timeout_s)
