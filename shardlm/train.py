@@ -296,8 +296,9 @@ def train(cfg) -> dict:
       done = step + 1
       preempted = distributed.preempted(done) and done < total  # at the end the run just finishes
       if done % cfg.log.every == 0 or done == total or preempted:
+        host = jax.device_get(pending)  # waits for the steps: only then is the time right
         now = time.perf_counter()
-        last = interval_stats(jax.device_get(pending), now - t_log, B * T, flops_per_step, peak)
+        last = interval_stats(host, now - t_log, B * T, flops_per_step, peak)
         log.print(progress_line(done, total, last, (now - t_start) / (done - start) * (total - done)))
         log.write(done, last)
         pending, t_log = [], now
