@@ -196,7 +196,10 @@ def from_hf(model_dir, out) -> dict:
 
   cfg = config_lib.defaults()
   cfg.name = f'hf-{fmt.model_type}'
-  cfg.model.update(model)
+  try:
+    cfg.model.update(model)
+  except TypeError as e:  # a value of the wrong type in config.json (ml_collections is typed)
+    raise ConfigError(f'{where}: {e}') from None
 
   # Tokenizer: a tokenizer.json is what shardlm reads (data.tokenizer); every tokenizer file
   # travels in CKPT/tokenizer/ so that to-hf can hand them back.

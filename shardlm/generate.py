@@ -166,8 +166,11 @@ def _main(argv):
   if any(len(p) == 0 for p in prompts):
     raise ConfigError('every prompt needs at least one token')
   room = model.cfg.model.seq_len - max(len(p) for p in prompts)
+  if room < 1:
+    raise ConfigError(f'a prompt of {max(len(p) for p in prompts)} tokens leaves no room in the '
+                      f"model's {model.cfg.model.seq_len} positions; shorten the prompt")
   max_tokens = args.max_tokens or min(200, room)
-  if room < 1 or max_tokens > room:
+  if max_tokens > room:
     raise ConfigError(f'a prompt of {model.cfg.model.seq_len - room} tokens + {max_tokens} new tokens '
                       f"exceeds the model's {model.cfg.model.seq_len} positions; shorten the prompt "
                       'or --max-tokens')
