@@ -53,6 +53,23 @@ def plan(n: int, devices: int, mode: str, port: int, command: list[str]) -> list
   return out
 
 
+def _die_with_parent():
+  """In the child, before exec: SIGKILL when the launcher dies, even by SIGKILL (Linux)."""
+  try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: the launcher's finally still ends them when it can
+
+
+def _signal_group(p, sig) -> None:
+  """To the child and whatever it started (it leads its own session)."""
+  try:
+    os.killpg(p.pid, sig)
+  except ProcessLookupError:
+    pass
+
+
 def describe(status: int) -> str:
   if status < 0:
     return f'killed by {signal.Signals(-status).name}'
@@ -69,7 +86,7 @@ def run(procs: list[tuple[dict, list]], grace: float, timeout: float, log_dir: P
     stopping['why'] = f'{signal.Signals(signum).name} to the launcher'
     for p in children:
       if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+        _signal_group(p, signal.SIGTERM)
   old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     for i, (env, argv) in enumerate(procs):
@@ -80,7 +97,7 @@ def run(procs: list[tuple[dict, list]], grace: float, timeout: float, log_dir: P
         files += [out, err]
       # A session of its own: the child and anything it starts can be killed as one group.
       children.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=err,
-                                       start_new_session=True))
+                                       start_new_session=True, preexec_fn=_die_with_parent))
     start, failures, reported = time.monotonic(), [], set()
 
     def report(now):
@@ -95,7 +112,7 @@ def run(procs: list[tuple[dict, list]], grace: float, timeout: float, log_dir: P
             stopping['since'] = stopping['since'] or now
             stopping['why'] = stopping['why'] or f'process {i} failed'
 
-    while any(p.poll() is None for p in children):
+    while any([p.poll() is None for p in children]):  # a list: poll every child, every time
       now = time.monotonic()
       report(now)
       if timeout and now - start > timeout and stopping['since'] is None:
@@ -110,10 +127,7 @@ def run(procs: list[tuple[dict, list]], grace: float, timeout: float, log_dir: P
   finally:
     for p in children:  # whatever happened: no child outlives the launcher
       if p.poll() is None:
-        try:
-          os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-          pass
+        _signal_group(p, signal.SIGKILL)
       p.wait()
     for f in files:
       f.close()

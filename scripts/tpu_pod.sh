@@ -24,7 +24,8 @@ while [ $# -gt 0 ]; do
     *) echo "tpu_pod.sh: unexpected '$1'; $usage" >&2; exit 2 ;;
   esac
 done
-remote="cd $dir && python3 -m shardlm.train --config.dist.method=tpu$(printf ' %q' "$@")"
+remote="cd $dir && python3 -m shardlm.train --config.dist.method=tpu"
+[ $# -gt 0 ] && remote+=$(printf ' %q' "$@")
 cmd=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${project[@]}" --worker=all --command "$remote")
 if [ "$dry_run" = 1 ]; then
   printf '%q ' "${cmd[@]}"

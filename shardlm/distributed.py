@@ -27,7 +27,7 @@ from shardlm import errors
 from shardlm.errors import ConfigError
 
 EXIT_PREEMPTED = 75   # SIGTERM: a checkpoint was saved at the agreed step; run again to resume
-EXIT_PEER_LOST = 76   # a process died or hung: the others stopped; run again to resume
+EXIT_PEER_LOST = 76   # another process died, froze or failed: this one stopped; run again to resume
 METHODS = ('auto', 'none', 'slurm', 'ompi', 'tpu', 'explicit')
 
 # GPU defaults, each overridable by the user's own XLA_FLAGS (a flag given there wins):
@@ -76,12 +76,17 @@ def _visible_gpus(env) -> int:
 
 
 def slurm_local_devices(env) -> list[int] | None:
-  """This task's GPUs: the node's visible GPUs split evenly among its tasks, as Levanter does,
-  so that one task per node takes every GPU and one task per GPU takes one (JAX's own SLURM
-  detection would give each task GPU number SLURM_LOCALID only). None where no GPU is known."""
+  """This task's GPUs (numbers among the GPUs it sees): the node's visible GPUs split evenly
+  among its tasks, as Levanter does, so that one task per node takes every GPU and one task per
+  GPU takes one; where SLURM already binds GPUs to tasks (--gpus-per-task, --gpu-bind: fewer
+  visible than tasks) every visible one. JAX's own SLURM detection would give each task GPU
+  number SLURM_LOCALID only. None where the GPUs are unknown (no CUDA_VISIBLE_DEVICES and no
+  SLURM_GPUS_*): see `plan`."""
   gpus, tasks = _visible_gpus(env), _slurm_tasks_on_node(env)
   if not gpus:
     return None
+  if gpus < tasks and 'CUDA_VISIBLE_DEVICES' in env:
+    return list(range(gpus))  # bound per task: all that this task sees are its own
   if gpus % tasks:
     raise ConfigError(f'SLURM gives this node {tasks} tasks and {gpus} GPUs, which do not split '
                       'evenly; use one task per GPU (--ntasks-per-node=GPUS) or one per node')
@@ -112,6 +117,9 @@ def plan(d, env=None) -> Plan:
   pid = d.process_id if d.process_id >= 0 else int(env.get('JAX_PROCESS_ID', -1) or -1)
   local = _ids(d.local_device_ids or env.get('JAX_LOCAL_DEVICE_IDS', ''), 'dist.local_device_ids')
   if method == 'auto':
+    if d.coordinator and not num:
+      raise ConfigError(f"dist.coordinator='{d.coordinator}' needs dist.num_processes and "
+                        'dist.process_id as well')
     if coordinator and num:
       method = 'explicit'
     elif 'OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1:
@@ -119,6 +127,8 @@ def plan(d, env=None) -> Plan:
     elif all(k in env for k in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID')) and \
         int(env.get('SLURM_NTASKS', 1)) > 1:
       method = 'slurm'
+    elif _on_cloud_tpu_vm(env):
+      method = 'tpu'
     else:
       method = 'none'
   if method == 'none':
@@ -141,13 +151,31 @@ def plan(d, env=None) -> Plan:
                         'with srun (scripts/slurm.sbatch)')
     local = local if local is not None else slurm_local_devices(env)
     gpus = f', GPUs {local}' if local else ''
-    return Plan('slurm', f"SLURM job {env['SLURM_JOB_ID']} ({env['SLURM_NTASKS']} tasks; task "
-                f"{env['SLURM_PROCID']}, local task {env['SLURM_LOCALID']}{gpus})",
-                dict(local_device_ids=local, cluster_detection_method='slurm', **timeouts))
+    how = (f"SLURM job {env['SLURM_JOB_ID']} ({env['SLURM_NTASKS']} tasks; task "
+           f"{env['SLURM_PROCID']}, local task {env['SLURM_LOCALID']}{gpus})")
+    if local is None and _slurm_tasks_on_node(env) == 1:
+      # GPUs unknown and the node's only task: JAX's detection would still restrict it to
+      # device SLURM_LOCALID (one GPU); take its coordinator, count and rank, and no restriction.
+      from jax._src.clusters import slurm_cluster
+      c = slurm_cluster.SlurmCluster
+      return Plan('slurm', how, dict(coordinator_address=c.get_coordinator_address(
+                                         None, env.get('JAX_COORDINATOR_PORT')),
+                                     num_processes=c.get_process_count(),
+                                     process_id=c.get_process_id(),
+                                     cluster_detection_method='deactivate', **timeouts))
+    return Plan('slurm', how, dict(local_device_ids=local, cluster_detection_method='slurm',
+                                   **timeouts))
   if method == 'ompi':
     return Plan('ompi', f"Open MPI ({env.get('OMPI_COMM_WORLD_SIZE', '?')} ranks)",
                 dict(local_device_ids=local, cluster_detection_method='ompi', **timeouts))
   return Plan('tpu', 'TPU pod (JAX detects the workers)', dict(**timeouts))  # method == 'tpu'
+
+
+def _on_cloud_tpu_vm(env) -> bool:
+  if env is not os.environ:  # a made-up environment (tests): not this machine
+    return 'TPU_WORKER_HOSTNAMES' in env
+  from jax._src import cloud_tpu_init  # no device touched: a check of the VM's files
+  return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
 
 
 def check_config(d) -> None:
@@ -196,13 +224,13 @@ def initialize(cfg, preemptible: bool = False) -> Plan:
   if _state.plan is not None:
     return _state.plan
   p = plan(cfg.dist)
+  _apply_gpu_defaults()
   if p.method == 'single':
     _state.plan = p
     _state.hosts = ('process0',)
     if preemptible:
       signal.signal(signal.SIGTERM, _on_sigterm)
     return p
-  _apply_gpu_defaults()
   import jax
   # JAX's preemption notifier swallows SIGTERM once initialized: only where a step can act on it.
   jax.config.update('jax_enable_preemption_service', preemptible)
@@ -275,7 +303,7 @@ def barrier(name: str, timeout_s: float) -> None:
                        f'arrive within {timeout_s:g}s') from None
 
 
-# -- dead or hung processes ---------------------------------------------------------------------
+# -- dead or frozen processes -------------------------------------------------------------------
 
 def _exit(message: str, status: int) -> None:
   """One line, then out at once: a normal exit would wait in JAX's shutdown barrier for the
@@ -287,7 +315,7 @@ def _exit(message: str, status: int) -> None:
 
 class _Watchdog(threading.Thread):
   """Each process writes a counter to the key-value store every `period` and reads everyone's;
-  a counter that stops changing for `timeout` seconds means that process is dead or hung."""
+  a counter that stops changing for `timeout` seconds means that process is dead or frozen."""
 
   def __init__(self, client, pid: int, n: int, timeout: float):
     super().__init__(name='shardlm-watchdog', daemon=True)
@@ -313,7 +341,7 @@ class _Watchdog(threading.Thread):
       now, stale = time.monotonic(), []
       for i, (value, since) in seen.items():
         beat = beats.get(f'shardlm/hb/{i}')
-        if beat == 'finished':
+        if beat in ('finished', 'stopping'):  # ending normally, or stopping for a lost peer
           continue
         if beat == 'failed':
           self.stop([i], 'it stopped on an error of its own: see its log')
@@ -323,9 +351,22 @@ class _Watchdog(threading.Thread):
         elif now - since > self.timeout:
           stale.append(i)
       if stale:
-        self.stop(stale, f'no heartbeat for {self.timeout:g}s (dist.heartbeat_timeout): it died or hangs')
+        self.stop(stale, f'no heartbeat for {self.timeout:g}s (dist.heartbeat_timeout): it died or froze')
         return
       self.finished.wait(self.period)
+
+  def wait_for_others(self, timeout: float) -> None:
+    """Until every other process has said it is ending (or `timeout`)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+      try:
+        beats = dict(self.client.key_value_dir_get('shardlm/hb/'))
+      except Exception:
+        return
+      if all(beats.get(f'shardlm/hb/{i}') in ('finished', 'failed', 'stopping') for i in range(self.n)):
+        time.sleep(self.period)  # their os._exit comes right after their mark
+        return
+      time.sleep(self.period / 2)
 
   def finish(self, how: str) -> None:
     """This process ends (`how`: 'finished' or 'failed'): stop watching, and tell the others."""
@@ -338,15 +379,16 @@ class _Watchdog(threading.Thread):
 
   def stop(self, lost: list[int], why: str) -> None:
     names = ', '.join(map(str, lost))
-    message = (f'process {names} of {self.n} lost ({why}); stopping process {self.pid}. The last '
+    message = (f'process {names} of {self.n} lost ({why}); stopping every process. The last '
                'committed checkpoint is intact: run the same command again to resume')
-    if self.pid == 0 and 0 not in lost:
-      # Process 0 hosts the coordination service: tell the others before it goes.
-      try:
+    try:  # ending: a process 0 that waits for the others to go first need not wait longer
+      self.client.key_value_set(f'shardlm/hb/{self.pid}', 'stopping', allow_overwrite=True)
+      if self.pid == 0 and 0 not in lost:
+        # Process 0 hosts the coordination service: tell the others before it goes.
         self.client.key_value_set('shardlm/abort/0', message, allow_overwrite=True)
         time.sleep(min(2.0, 3 * self.period))
-      except Exception:
-        pass
+    except Exception:
+      pass
     _exit(message, EXIT_PEER_LOST)
 
 
@@ -361,6 +403,40 @@ def await_peers(error: Exception) -> None:
   deadline = time.monotonic() + w.timeout + 5 * w.period + 5
   while time.monotonic() < deadline and w.is_alive():
     time.sleep(w.period)
+
+
+def run(fn):
+  """Runs an entry point's body. With many processes, any end but success or preemption is a
+  failure the others must hear of: this process prints its error, marks itself failed (their
+  watchdogs stop them with a line naming it) and leaves at once, since JAX's exit barrier would
+  wait for processes that are not coming."""
+  import traceback
+  try:
+    return fn()
+  except BaseException as e:
+    w = _state.watchdog
+    code = e.code if isinstance(e, SystemExit) else None
+    if w is None or isinstance(e, Preempted) or (isinstance(e, SystemExit) and
+                                                  code in (0, None, EXIT_PREEMPTED)):
+      raise
+    await_peers(e)  # a collective that broke because a peer died: the watchdog names it first
+    w.finished.set()  # from here on this process leaves on its own account
+    if isinstance(e, ConfigError):
+      errors.print_error(e)
+      status = 2
+      # Bad input is usually the same in every process: let theirs say so themselves first.
+      time.sleep(3 * w.period)
+    elif isinstance(e, SystemExit):
+      status = code if isinstance(code, int) else 1
+    else:
+      traceback.print_exc()
+      status = 1
+    w.finish('failed')
+    if w.pid == 0:  # it hosts the coordination service: the others must go first
+      w.wait_for_others(timeout=w.timeout)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # -- preemption ---------------------------------------------------------------------------------
@@ -380,7 +456,9 @@ def _on_sigterm(signum, frame):
 
 def preempted(step: int) -> bool:
   """True once SIGTERM has reached any process, at the same `step` in every process. Call it at
-  every step, with the same steps in every process."""
+  every step with the same steps in every process, counted from 1 in this run: JAX agrees on the
+  step after the highest one any process has reported, starting from none (so a resumed run that
+  passed its own step numbers would never reach an agreement made before its loop)."""
   if _state.plan is None or _state.plan.method == 'single':
     return _state.sigterm
   from jax.experimental import multihost_utils

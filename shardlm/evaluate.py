@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from shardlm import errors, inference
+from shardlm import distributed, errors, inference
 from shardlm.errors import ConfigError
 
 
@@ -104,7 +104,7 @@ def read_data(path: Path, task: str):
 
 
 def main(argv=None):
-  errors.run_cli(_main, argv)
+  errors.run_cli(lambda a: distributed.run(lambda: _main(a)), argv)
 
 
 def _main(argv):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardlm import errors, inference
+from shardlm import distributed, errors, inference
 from shardlm.errors import ConfigError
 from shardlm.model.gpt import mask_padding
 
@@ -140,7 +140,7 @@ def check_sampling(args) -> None:
 
 
 def main(argv=None):
-  errors.run_cli(_main, argv)
+  errors.run_cli(lambda a: distributed.run(lambda: _main(a)), argv)
 
 
 def _main(argv):

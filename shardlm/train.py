@@ -294,7 +294,8 @@ def train(cfg) -> dict:
       state, metrics = step_fn(state, train_data.global_batch(step, rt.batch_sharding))
       pending.append(metrics)
       done = step + 1
-      preempted = distributed.preempted(done) and done < total  # at the end the run just finishes
+      # Steps counted from this run's start: JAX's sync point begins at 1 in every process.
+      preempted = distributed.preempted(done - start) and done < total  # at the end: just finish
       if done % cfg.log.every == 0 or done == total or preempted:
         host = jax.device_get(pending)  # waits for the steps: only then is the time right
         now = time.perf_counter()
@@ -326,7 +327,7 @@ def train(cfg) -> dict:
 
 
 def main(argv=None):
-  errors.run_cli(_main, argv)
+  errors.run_cli(lambda a: distributed.run(lambda: _main(a)), argv)
 
 
 def _main(argv):
@@ -341,9 +342,6 @@ def _main(argv):
     train(cfg)
   except distributed.Preempted:
     sys.exit(distributed.EXIT_PREEMPTED)
-  except Exception as e:  # with many processes: a lost peer breaks collectives; name it first
-    distributed.await_peers(e)
-    raise
 
 
 if __name__ == '__main__':

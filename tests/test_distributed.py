@@ -44,6 +44,9 @@ def test_slurm_one_task_per_node_takes_every_gpu():
   env.update(SLURM_STEP_TASKS_PER_NODE='3(x2)')
   with pytest.raises(ConfigError, match='3 tasks and 8 GPUs'):
     distributed.plan(dist(), env=env)
+  # SLURM binding GPUs to tasks (--gpus-per-task=1): each task sees its own, and takes them all.
+  env.update(SLURM_STEP_TASKS_PER_NODE='8(x2)', CUDA_VISIBLE_DEVICES='5')
+  assert distributed.plan(dist(), env=env).kwargs['local_device_ids'] == [0]
 
 
 def test_slurm_without_gpus_leaves_the_devices_to_jax():
@@ -122,7 +125,7 @@ def test_local_launcher_dry_run():
 def test_slurm_batch_file_dry_run():
   out = run('bash', 'scripts/slurm.sbatch', '--dry-run', '--config', 'gpt_8b.py', '--config.mesh.model=8')
   assert out.returncode == 0, out.stderr
-  assert out.stdout.strip() == ('srun --kill-on-bad-exit=1 --wait=120 python -m shardlm.train '
+  assert out.stdout.strip() == ('srun --wait=600 python -m shardlm.train '
                                 '--config gpt_8b.py --config.mesh.model=8')
   text = (ROOT / 'scripts' / 'slurm.sbatch').read_text()
   assert '#SBATCH --ntasks-per-node=8' in text and '#SBATCH --gpus-per-node=8' in text

@@ -75,11 +75,25 @@ def log(log_dir: Path, i: int, stream='err') -> str:
   return (log_dir / f'process{i}.{stream}').read_text()
 
 
-def child_pids(launcher_pid: int) -> list[int]:
-  """The launcher's children, in the order it started them."""
+def child_pid(launcher_pid: int, process_id: int) -> int:
+  """The pid of the launcher's child that runs as process `process_id` (explicit mode)."""
   out = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(launcher_pid)], capture_output=True,
-                       text=True).stdout
-  return sorted(int(p) for p in out.split())
+                       text=True, timeout=10).stdout
+  for pid in map(int, out.split()):
+    args = Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')
+    if f'--config.dist.process_id={process_id}'.encode() in args:
+      return pid
+  raise LookupError(f'no process {process_id} under {launcher_pid}')
+
+
+def wait_for_line(path: Path, text: str, proc, timeout=90) -> None:
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if path.exists() and text in path.read_text():
+      return
+    assert proc.poll() is None, 'the run ended early'
+    time.sleep(0.1)
+  raise TimeoutError(f'{text!r} not in {path}')
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout=120) -> None:
@@ -162,7 +176,7 @@ def test_sigterm_saves_at_an_agreed_step_and_resumes_exactly(two_process_run, tm
   proc = launch(2, run, tmp_path / 'logs', wait=False)
   try:
     wait_for_step(tmp_path / 'run', 2, proc)
-    os.kill(child_pids(proc.pid)[1], signal.SIGTERM)
+    os.kill(child_pid(proc.pid, 1), signal.SIGTERM)
     proc.communicate(timeout=60)
   finally:
     _kill(proc)
@@ -175,10 +189,21 @@ def test_sigterm_saves_at_an_agreed_step_and_resumes_exactly(two_process_run, tm
   assert json.loads(meta.read_text())['step'] == step
   assert max(losses(tmp_path / 'run')) == step  # nobody went past the agreed step
   assert step + 2 <= STEPS, step
+  # Resumed, and SIGTERM again before its first step (while it restores and compiles): the
+  # agreed step is this run's first, step + 1.
+  proc = launch(2, run, tmp_path / 'logs_early', wait=False)
+  try:
+    wait_for_line(tmp_path / 'logs_early' / 'process0.out', 'shardlm: config', proc)
+    os.kill(child_pid(proc.pid, 1), signal.SIGTERM)
+    proc.communicate(timeout=90)
+  finally:
+    _kill(proc)
+  assert proc.returncode == 75, log(tmp_path / 'logs_early', 0)[-3000:]
+  assert f'preempted: SIGTERM; checkpoint at step {step + 1} ' in log(tmp_path / 'logs_early', 0, 'out')
   again = launch(2, [f'--config.train.run_dir={tmp_path / "run"}', f'--config.train.steps={step + 2}'],
                  tmp_path / 'logs2')
   assert again.returncode == 0, log(tmp_path / 'logs2', 0)[-3000:]
-  assert f'resumed: step {step}' in log(tmp_path / 'logs2', 0, 'out')
+  assert f'resumed: step {step + 1}' in log(tmp_path / 'logs2', 0, 'out')
   got, uninterrupted = losses(tmp_path / 'run'), losses(two_process_run / 'run')
   assert [got[s] for s in (step + 1, step + 2)] == [uninterrupted[s] for s in (step + 1, step + 2)]
 
@@ -190,7 +215,7 @@ def test_a_dead_process_stops_the_others_with_one_line(two_process_run, tmp_path
   proc = launch(2, run, tmp_path / 'logs', wait=False)
   try:
     wait_for_step(tmp_path / 'run', 6, proc)
-    os.kill(child_pids(proc.pid)[1], signal.SIGKILL)
+    os.kill(child_pid(proc.pid, 1), signal.SIGKILL)
     killed = time.monotonic()
     _, launcher = proc.communicate(timeout=HEARTBEAT + 60)
     took = time.monotonic() - killed
@@ -252,11 +277,16 @@ from shardlm.errors import ConfigError
 cfg = config.parse_args(sys.argv[1:])
 distributed.initialize(cfg)
 out = {}
-for data, fsdp, model in ((2, 2, 2), (2, 1, 4), (1, 2, 4)):
+from jax.experimental import mesh_utils
+for data, fsdp, model in ((2, 2, 2), (2, 1, 4), (1, 2, 4), (4, 1, 2)):
   cfg.mesh.update(data=data, fsdp=fsdp, model=model)
   mesh = runtime.build(cfg).mesh
   groups = mesh.devices.reshape(-1, mesh.shape['model'])  # model is the last axis
   out[f'{data},{fsdp},{model}'] = [sorted({d.process_index for d in g}) for g in groups]
+  if data % 2 == 0:  # the layout JAX's own hybrid mesh gives (a process per host)
+    hybrid = mesh_utils.create_hybrid_device_mesh((data // 2, fsdp, model), (2, 1, 1),
+                                                  process_is_granule=True)
+    out[f'{data},{fsdp},{model} as jax'] = bool((mesh.devices == hybrid).all())
 cfg.mesh.update(data=1, fsdp=1, model=8)
 try:
   runtime.build(cfg)
@@ -283,9 +313,11 @@ def test_model_groups_stay_inside_a_process_and_model_across_hosts_is_refused(tm
                        timeout=120, cwd=ROOT)
   assert run.returncode == 0, log(tmp_path / 'logs', 0)[-3000:]
   out = json.loads([l for l in log(tmp_path / 'logs', 0, 'out').splitlines() if l.startswith('{')][0])
-  for layout in ('2,2,2', '2,1,4', '1,2,4'):
+  for layout in ('2,2,2', '2,1,4', '1,2,4', '4,1,2'):
     assert all(len(g) == 1 for g in out[layout]), (layout, out[layout])  # one process per group
     assert {g[0] for g in out[layout]} == {0, 1}
+  for layout in ('2,2,2', '2,1,4', '4,1,2'):  # (1,2,4): fsdp crosses hosts, not data
+    assert out[f'{layout} as jax'], layout
   assert out['barrier'] == "barrier 'lonely': process(es) [1] of 2 did not arrive within 2s"
   assert 'split mesh.model across hosts' in out['model=8']
   assert 'dist.allow_model_across_hosts=true' in out['model=8']
