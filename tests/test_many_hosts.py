@@ -169,6 +169,17 @@ def test_a_two_process_checkpoint_resumes_on_one_and_on_four(two_process_run, re
     np.testing.assert_allclose([got[3], got[4]], [reference[3], reference[4]], rtol=1e-6)
 
 
+def resume_matches(tmp_path: Path, step: int, uninterrupted: Path) -> None:
+  """The same 2-process command again, to step + 2: it resumes at `step`, and its next two losses
+  equal the uninterrupted run's bitwise."""
+  again = launch(2, [f'--config.train.run_dir={tmp_path / "run"}', f'--config.train.steps={step + 2}'],
+                 tmp_path / 'logs2')
+  assert again.returncode == 0, log(tmp_path / 'logs2', 0)[-3000:]
+  assert f'resumed: step {step}' in log(tmp_path / 'logs2', 0, 'out')
+  got, ref = losses(tmp_path / 'run'), losses(uninterrupted)
+  assert [got[s] for s in (step + 1, step + 2)] == [ref[s] for s in (step + 1, step + 2)]
+
+
 def test_sigterm_saves_at_an_agreed_step_and_resumes_exactly(two_process_run, tmp_path):
   """SIGTERM to process 1 of 2: both agree on a step, save there, exit 75; running again gives
   the uninterrupted run's losses bitwise."""
@@ -188,7 +199,7 @@ def test_sigterm_saves_at_an_agreed_step_and_resumes_exactly(two_process_run, tm
   meta = tmp_path / 'run' / 'checkpoints' / str(step) / 'meta' / 'metadata'
   assert json.loads(meta.read_text())['step'] == step
   assert max(losses(tmp_path / 'run')) == step  # nobody went past the agreed step
-  assert step + 2 <= STEPS, step
+  assert step + 3 <= STEPS, step
   # Resumed, and SIGTERM again before its first step (while it restores and compiles): the
   # agreed step is this run's first, step + 1.
   proc = launch(2, run, tmp_path / 'logs_early', wait=False)
@@ -200,12 +211,7 @@ def test_sigterm_saves_at_an_agreed_step_and_resumes_exactly(two_process_run, tm
     _kill(proc)
   assert proc.returncode == 75, log(tmp_path / 'logs_early', 0)[-3000:]
   assert f'preempted: SIGTERM; checkpoint at step {step + 1} ' in log(tmp_path / 'logs_early', 0, 'out')
-  again = launch(2, [f'--config.train.run_dir={tmp_path / "run"}', f'--config.train.steps={step + 2}'],
-                 tmp_path / 'logs2')
-  assert again.returncode == 0, log(tmp_path / 'logs2', 0)[-3000:]
-  assert f'resumed: step {step + 1}' in log(tmp_path / 'logs2', 0, 'out')
-  got, uninterrupted = losses(tmp_path / 'run'), losses(two_process_run / 'run')
-  assert [got[s] for s in (step + 1, step + 2)] == [uninterrupted[s] for s in (step + 1, step + 2)]
+  resume_matches(tmp_path, step + 1, two_process_run / 'run')
 
 
 def test_a_dead_process_stops_the_others_with_one_line(two_process_run, tmp_path):
@@ -233,12 +239,7 @@ def test_a_dead_process_stops_the_others_with_one_line(two_process_run, tmp_path
   assert steps and all((ckpts / str(s) / 'meta' / 'metadata').is_file() for s in steps), names
   last = steps[-1]
   assert last + 2 <= STEPS, last
-  again = launch(2, [f'--config.train.run_dir={tmp_path / "run"}', f'--config.train.steps={last + 2}'],
-                 tmp_path / 'logs2')
-  assert again.returncode == 0, log(tmp_path / 'logs2', 0)[-3000:]
-  assert f'resumed: step {last}' in log(tmp_path / 'logs2', 0, 'out')
-  got, uninterrupted = losses(tmp_path / 'run'), losses(two_process_run / 'run')
-  assert [got[s] for s in (last + 1, last + 2)] == [uninterrupted[s] for s in (last + 1, last + 2)]
+  resume_matches(tmp_path, last, two_process_run / 'run')
 
 
 # gloo's C++ prints one line per connection on stdout, from several threads at once.
