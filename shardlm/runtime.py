@@ -42,21 +42,25 @@ class Runtime:
     """The NamedSharding of an array whose axes carry these logical names."""
     return sharding.named(self.mesh, self.rules, names)
 
+  def rules_active(self):
+    """The context in which the model's `constrain` calls pin layouts by this mesh's rules."""
+    return axes.use(lambda x, names: jax.lax.with_sharding_constraint(x, self.sharding(names)))
+
   def apply(self, params, *args, method: str = '__call__', **kwargs):
     """Calls the model (or one of its methods) with activation layouts pinned by the rules.
 
     For use inside a traced (jitted) function."""
-    with axes.use(self.mesh, self.rules):
+    with self.rules_active():
       return getattr(nnx.merge(self.graphdef, params), method)(*args, **kwargs)
 
   def objective(self, params, batch):
     """(loss, extra metrics) of one batch: the kind's training objective."""
-    with axes.use(self.mesh, self.rules):
+    with self.rules_active():
       return self.kind.objective(nnx.merge(self.graphdef, params), batch)
 
   def constrain(self, x, names):
     """Pins an array to the layout its logical names map to (inside a traced function)."""
-    with axes.use(self.mesh, self.rules):
+    with self.rules_active():
       return axes.constrain(x, names)
 
   def new_params(self, seed: int) -> dict:

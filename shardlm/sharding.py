@@ -219,9 +219,10 @@ def logical_to_sharding(tree, mesh, rules):
   return nn.logical_to_mesh_sharding(tree, mesh, rules)
 
 
-def named(mesh, rules, names):
-  """One NamedSharding for an array whose axes carry these logical names."""
-  return axes.named_sharding(mesh, rules, names)
+def named(mesh, rules, names) -> jax.sharding.NamedSharding:
+  """One NamedSharding for an array whose axes carry these logical names (checked)."""
+  axes.check_names(names)
+  return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
 
 def describe(mesh, rules, host_of=None) -> str:

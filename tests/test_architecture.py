@@ -12,7 +12,7 @@ import pytest
 from conftest import params_checkpoint, run_steps
 
 import shardlm
-from shardlm import config, evaluate, generate, optim, runtime, train
+from shardlm import config, evaluate, generate, optim, runtime, sharding, train
 from shardlm.errors import ConfigError
 from shardlm.model import axes
 
@@ -101,7 +101,7 @@ def test_an_unknown_logical_name_in_model_code_is_an_error():
     axes.constrain(np.zeros((2, 3)), ('batch', 'hidden'))
   mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match="unknown logical axis 'emb'"):
-    axes.named_sharding(mesh, (), ('emb', None))
+    sharding.named(mesh, (), ('emb', None))
 
 
 def _axis_config(tmp_path, body: str) -> str:

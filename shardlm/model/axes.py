@@ -7,17 +7,16 @@ onto mesh axes. A name outside the alphabet is an error when the model is traced
 import contextlib
 import contextvars
 
-import flax.linen as nn
-import jax
-from jax.sharding import NamedSharding
-
 # DESIGN.md, "The dimension alphabet": parameter names, then activation names.
 PARAM_NAMES = ('embed', 'mlp', 'heads', 'kv', 'vocab', 'layers', 'stage')
 ACTIVATION_NAMES = ('batch', 'length', 'act_length', 'act_embed', 'act_mlp', 'act_heads',
                     'act_vocab', 'act_stage')
 LOGICAL_NAMES = PARAM_NAMES + ACTIVATION_NAMES
 
-_active = contextvars.ContextVar('shardlm_rules', default=None)
+# The active pin: (array, logical names) -> the array constrained to the layout the rule table
+# gives those names. Set by the runtime, which knows the mesh and the rules; model code never
+# sees either.
+_active = contextvars.ContextVar('shardlm_pin', default=None)
 
 
 def check_names(names, where: str = 'logical axes') -> None:
@@ -28,16 +27,10 @@ def check_names(names, where: str = 'logical axes') -> None:
                        f"the alphabet (DESIGN.md): {', '.join(LOGICAL_NAMES)}")
 
 
-def named_sharding(mesh, rules, names) -> NamedSharding:
-  """The NamedSharding for an array whose axes carry these logical names."""
-  check_names(names)
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
-
-
 @contextlib.contextmanager
-def use(mesh, rules):
-  """Makes `constrain` active while tracing: model code then pins activation layouts."""
-  token = _active.set((mesh, rules))
+def use(pin):
+  """Makes `constrain` active while tracing: `pin(x, names)` pins x's layout."""
+  token = _active.set(pin)
   try:
     yield
   finally:
@@ -47,7 +40,5 @@ def use(mesh, rules):
 def constrain(x, names):
   """Pins an activation to the layout its logical names map to; a no-op outside `use`."""
   check_names(names)
-  active = _active.get()
-  if active is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, named_sharding(*active, names))
+  pin = _active.get()
+  return x if pin is None else pin(x, names)
