@@ -5,6 +5,11 @@ Hardware:  one 8-GPU node per model copy: 8-way tensor parallel (Megatron-LM Tab
 Layout:    mesh.model=8 (Megatron tensor parallel inside a node), data parallel across copies;
            add --config.mesh.fsdp=N to shard parameters and optimizer state ZeRO-3 style when
            memory is short.
+64 GPUs:   one model copy over 8 nodes, 3-D (PTD-P): --config.mesh.stage=8 --config.mesh.model=8
+           --config.model.pipeline_microbatches=64: 8 pipeline stages of 9 layers, each 8-way
+           tensor parallel; 64 micro-batches of 8 sequences, bubble 7/71 = 10% (add
+           --config.model.pipeline_repeats=3 for 7/199 = 3.5%). Compiles ahead of time for 64
+           simulated devices in seconds (tests/test_pipeline.py): 150M parameters per device.
 Recipe:    Megatron-LM's GPT-2 schedule: global batch 512 x 1024, lr 1.5e-4, 3k warmup, cosine
            to 1e-5 over 300k steps, weight decay 0.01, bf16 compute. GPT-2's 50257 ids are padded
            to a multiple of 128 x mesh.model. Data: add --config.data.tokenizer=gpt2/tokenizer.json

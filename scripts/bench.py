@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shardlm import config as config_lib, perf, runtime, train
+from shardlm.model import pipeline
 from shardlm.model.attention import local_attention
 
 
@@ -111,7 +112,10 @@ def bench_step(cfg, repeats, profile=False):
     jax.block_until_ready(metrics)
   dt = median_time(run, repeats)
   flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, m.padded_vocab)
-  out = {'step_s': dt, 'tokens_per_s': B * T / dt, 'flops_per_s': flops / dt,
+  # A pipeline's bubble is idle time, not work: the MFU counts the model's FLOPs only.
+  out = {'pipeline': {'stages': m.stages, 'repeats': m.repeats, 'microbatches': m.microbatches,
+                      'bubble': pipeline.bubble(m.stages, m.repeats, m.microbatches)},
+         'step_s': dt, 'tokens_per_s': B * T / dt, 'flops_per_s': flops / dt,
          'tflops_per_device': flops / dt / jax.device_count() / 1e12,
          'params': sum(x.size for x in jax.tree.leaves(holder[0]['params']))}
   if profile:
@@ -248,6 +252,10 @@ def main():
       print(f"{cfg.name}: {r['params']:,} params, step {r['step_s'] * 1e3:.1f} ms, "
             f"{r['tokens_per_s']:,.0f} tok/s, {r['tflops_per_device'] * 1e3:.1f} GFLOP/s/device, "
             f"MFU {100 * r['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+      if r['pipeline']['stages'] > 1:
+        p = r['pipeline']
+        print(f"pipeline: P={p['stages']} R={p['repeats']} M={p['microbatches']}, bubble "
+              f"{100 * p['bubble']:.1f}%")
       if args.profile:
         print_profile(r['profile'])
       if args.compare_torch:

@@ -27,8 +27,11 @@ def defaults() -> ml_collections.ConfigDict:
                  # lax.scan over the layer stack: compile time flat in depth. False unrolls the
                  # layers, which is faster on CPU for small models (no stacked residual buffers).
                  scan_layers=True,
-                 post_ln=False),  # BERT only: LayerNorm after each residual add (original BERT)
-      mesh=dict(data=-1, fsdp=1, model=1),
+                 post_ln=False,  # BERT only: LayerNorm after each residual add (original BERT)
+                 # Pipeline (mesh.stage = P > 1): M micro-batches (0: M = P), R circular repeats
+                 # (1: GPipe); the bubble is (P - 1) / (R M + P - 1). docs/pipeline.md.
+                 pipeline_microbatches=0, pipeline_repeats=1),
+      mesh=dict(data=-1, stage=1, fsdp=1, model=1),
       sharding=dict(preset='megatron_fsdp', rules=()),
       data=dict(corpus='stdlib',  # built-in corpus, used while paths is empty
                 paths=(),          # preprocessed dataset prefixes (`python -m shardlm.data.preprocess`)

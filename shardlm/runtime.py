@@ -9,10 +9,10 @@ import math
 import jax
 from flax import nnx
 
-from shardlm import distributed, kinds, sharding
-from shardlm.checkpoint.format import Target
+from shardlm import distributed, errors, kinds, sharding
+from shardlm.checkpoint.format import Target, flat_names as checkpoint_names
 from shardlm.errors import ConfigError
-from shardlm.model import axes
+from shardlm.model import axes, pipeline
 from shardlm.model.transformer import TransformerConfig
 
 CHOICES = {'remat': ('none', 'full', 'selective'),
@@ -31,6 +31,7 @@ class Runtime:
   model_config: TransformerConfig
   graphdef: object           # the model's structure; nnx.merge(graphdef, params) gives the model
   abstract_params: dict      # jax.ShapeDtypeStruct per parameter: shapes, no memory
+  param_names: dict          # the logical axis names of each parameter (tuples)
   param_shardings: dict
   batch_sharding: object     # NamedSharding of a batch (a tree of them for BERT)
 
@@ -44,7 +45,7 @@ class Runtime:
 
   def rules_active(self):
     """The context in which the model's `constrain` calls pin layouts by this mesh's rules."""
-    return axes.use(lambda x, names: jax.lax.with_sharding_constraint(x, self.sharding(names)))
+    return axes.use(sharding.Layout(self.mesh, self.rules))
 
   def apply(self, params, *args, method: str = '__call__', **kwargs):
     """Calls the model (or one of its methods) with activation layouts pinned by the rules.
@@ -69,11 +70,20 @@ class Runtime:
       return nnx.to_pure_dict(nnx.state(self.kind.model(self.model_config, rngs=nnx.Rngs(seed)),
                                         nnx.Param))
 
+  @property
+  def stacked(self) -> dict:
+    """Per parameter: whether it is a layer stack (its first axis `layers`)."""
+    return jax.tree.map(lambda names: names[:1] == ('layers',), self.param_names,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
   def target(self) -> Target:
     """What a checkpoint's parameters are restored into, on this mesh."""
+    order = self.model_config.layer_order
     return Target(abstract=self.abstract_params, shardings=self.param_shardings,
                   padded_vocab=self.model_config.padded_vocab, kind=self.kind.name,
-                  mesh_shape=dict(self.mesh.shape))
+                  mesh_shape=dict(self.mesh.shape),
+                  layer_order=None if order is None else tuple(int(i) for i in order),
+                  stacked=frozenset(n for n, s in checkpoint_names(self.stacked).items() if s))
 
   def init_params(self, seed: int) -> dict:
     """Parameters created directly in their shards (jitted with out_shardings)."""
@@ -123,7 +133,50 @@ def check_model(cfg, shape: dict, rules) -> None:
                       'model.vocab_multiple=128')
   if m.attention != 'dense' and m.window <= 0:
     raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
+  check_pipeline(m, shape.get('stage', 1))
   kind.check(cfg)
+
+
+def pipeline_shape(model_cfg, stages: int) -> dict:
+  """P, R, M of the pipeline (P = 1: none), as TransformerConfig takes them."""
+  if stages == 1:
+    return dict(stages=1, repeats=1, microbatches=1)
+  return dict(stages=stages, repeats=model_cfg.pipeline_repeats,
+              microbatches=model_cfg.pipeline_microbatches or stages)
+
+
+def pipeline_line(mc: TransformerConfig, rows: int) -> str:
+  """One line for the log: P, R, M, the micro-batch and the bubble."""
+  P, R, M = mc.stages, mc.repeats, mc.microbatches
+  K = mc.num_layers // (P * R)
+  return (f'pipeline: P={P} stages x R={R} repeat{"s" * (R > 1)} of {K} layer{"s" * (K > 1)}, '
+          f'M={M} micro-batches of {rows // M} rows; {R * M + P - 1} iterations, '
+          f'bubble (P-1)/(RM+P-1) = {P - 1}/{R * M + P - 1} = '
+          f'{100 * pipeline.bubble(P, R, M):.1f}%')
+
+
+def check_pipeline(m, stages: int) -> None:
+  """The pipeline's repeats and micro-batches against the layers and mesh.stage."""
+  R, M = m.pipeline_repeats, m.pipeline_microbatches
+  if R < 1:
+    raise ConfigError(f'model.pipeline_repeats={R} must be >= 1 (1: GPipe; R > 1: circular)')
+  if M < 0:
+    raise ConfigError(f'model.pipeline_microbatches={M} must be >= 0 (0: as many as mesh.stage)')
+  P = stages
+  if P == 1:
+    if R > 1 or M > 0:
+      errors.warn(f'model.pipeline_repeats={R}, model.pipeline_microbatches={M} do nothing '
+                  'without a pipeline: set mesh.stage > 1')
+    return
+  if m.num_layers % (R * P):
+    fits = [r for r in range(1, m.num_layers + 1) if m.num_layers % (r * P) == 0]
+    raise ConfigError(f'model.num_layers={m.num_layers} is not divisible by mesh.stage={P} x '
+                      f'model.pipeline_repeats={R}; with mesh.stage={P} the repeats may be '
+                      f'{fits}' if fits else f'model.num_layers={m.num_layers} cannot be split '
+                      f'over mesh.stage={P} stages; use a mesh.stage that divides it')
+  if M and M % P:
+    raise ConfigError(f'model.pipeline_microbatches={M} is not a multiple of mesh.stage={P} '
+                      f'(e.g. {P}, {2 * P}, {4 * P}; 0 means {P})')
 
 
 def build(cfg, devices=None) -> Runtime:
@@ -135,13 +188,15 @@ def build(cfg, devices=None) -> Runtime:
   kind = kinds.get(cfg.model.kind)
   mesh = sharding.make_mesh(shape, devices, distributed.host_of, cfg.dist.allow_model_across_hosts)
   vocab = padded_vocab(cfg.model, sharding.split_ways(shape, rules, 'vocab'))
-  mc = TransformerConfig.from_config(cfg.model, vocab, **kind.transformer)
+  mc = TransformerConfig.from_config(cfg.model, vocab, **kind.transformer,
+                                     **pipeline_shape(cfg.model, shape.get('stage', 1)))
 
   # Abstract: shapes and logical names only, no memory.
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: kind.model(mc, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  names = jax.tree.map(tuple, logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   param_shardings = sharding.logical_to_sharding(logical, mesh, rules)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                  nnx.to_pure_dict(abstract))
@@ -149,5 +204,5 @@ def build(cfg, devices=None) -> Runtime:
   batch_sharding = jax.tree.map(lambda names: sharding.named(mesh, rules, names), kind.batch_axes,
                                 is_leaf=lambda x: isinstance(x, tuple))
   return Runtime(cfg=cfg, mesh=mesh, rules=rules, kind=kind, model_config=mc, graphdef=graphdef,
-                 abstract_params=abstract_params, param_shardings=param_shardings,
+                 abstract_params=abstract_params, param_names=names, param_shardings=param_shardings,
                  batch_sharding=batch_sharding)

@@ -21,6 +21,9 @@ _BATCH = [('batch', ('data', 'fsdp'))]
 _TENSOR = [('vocab', 'model'), ('act_vocab', 'model'), ('mlp', 'model'), ('act_mlp', 'model'),
            ('heads', 'model'), ('act_heads', 'model')]
 _FSDP = [('embed', 'fsdp')]
+# Pipeline parallelism, orthogonal to the preset: the layer stack, its stage part and the pipeline
+# buffer split over `stage` (of size 1 unless the config sets mesh.stage, when it changes nothing).
+PIPELINE = [('layers', 'stage'), ('stage', 'stage'), ('act_stage', 'stage')]
 # Ordered (logical name, mesh axes) pairs; names not listed are replicated.
 PRESETS = {
     'dp': _BATCH,
@@ -111,6 +114,8 @@ def rules_from_config(cfg) -> tuple:
                           f"valid: {', '.join(names)} or None")
     rules.append((name, to if isinstance(to, str) or to is None else tuple(to)))
   rules = tuple(rules) + tuple(PRESETS[preset])
+  if 'stage' in names:
+    rules += tuple(PIPELINE)
   used = {a for _, to in rules for a in axes_of(to)}
   standard = set(config_lib.defaults().mesh.keys())
   for name in names:
@@ -225,9 +230,40 @@ def named(mesh, rules, names) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
 
+class Layout:
+  """The mesh and rules behind model/axes.py while a model is traced: pins activations, runs
+  shard_map, resolves logical names to mesh axes. Model code sees only logical names."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def spec(self, names) -> jax.sharding.PartitionSpec:
+    return named(self.mesh, self.rules, names).spec
+
+  def pin(self, x, names):
+    return jax.lax.with_sharding_constraint(x, named(self.mesh, self.rules, names))
+
+  def without(self, taken) -> 'Layout':
+    """The layout inside a vmap whose mapped axis holds the mesh axes `taken`."""
+    strip = lambda to: tuple(a for a in axes_of(to) if a not in taken) or None
+    return Layout(self.mesh, tuple((name, strip(to)) for name, to in self.rules))
+
+  def mesh_axes(self, name: str) -> tuple[tuple[str, ...], int]:
+    """(The mesh axes logical `name` maps to, how many devices they span)."""
+    to = axes_of(self.spec((name,))[0])
+    return to, math.prod(self.mesh.shape[a] for a in to)
+
+  def shard_map(self, f, in_names, out_names):
+    specs = lambda tree: jax.tree.map(self.spec, tree, is_leaf=axes.is_names)
+    return jax.shard_map(f, mesh=self.mesh, in_specs=specs(tuple(in_names)),
+                         out_specs=specs(out_names), check_vma=False)
+
+
 def describe(mesh, rules, host_of=None) -> str:
   """One line for the log: the mesh, which axes cross hosts, and the rules that shard something."""
   spans = {n: h for n, h in hosts_spanned(mesh, host_of).items() if h > 1}
   across = (f" ({', '.join(f'{n} across {h} hosts' for n, h in spans.items())})" if spans else '')
-  used = ', '.join(f'{n}->{a}' for n, a in rules if a is not None)
-  return f'mesh {_text(dict(mesh.shape))}{across}; rules {used}'
+  sizes = dict(mesh.shape)
+  used = ', '.join(f'{n}->{a}' for n, a in rules
+                   if a is not None and math.prod(sizes[x] for x in axes_of(a)) > 1)
+  return f'mesh {_text(sizes)}{across}; ' + (f'rules {used}' if used else 'no rule splits anything')

@@ -40,8 +40,15 @@ class Trainer:
 
   def target(self) -> checkpoint.Target:
     """What a checkpoint of the train state is restored into."""
-    return dataclasses.replace(self.rt.target(), abstract=jax.eval_shape(self.init),
-                               shardings=self.state_shardings)
+    abstract = jax.eval_shape(self.init)
+    # The optimizer's moments of a layer stack are stacks too, in the same order.
+    stacked = jax.tree.map(lambda _: False, abstract)
+    stacked.update(params=self.rt.stacked, opt_state=optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract['opt_state'], self.rt.stacked,
+        transform_non_params=lambda _: False))
+    return dataclasses.replace(
+        self.rt.target(), abstract=abstract, shardings=self.state_shardings,
+        stacked=frozenset(n for n, s in checkpoint.flat_names(stacked).items() if s))
 
 
 def check_config(cfg, rt: runtime.Runtime) -> None:
@@ -65,6 +72,12 @@ def check_config(cfg, rt: runtime.Runtime) -> None:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
                       f'optimizer.grad_accum_steps={k} x {over} = {k * batch_ways}: each '
                       'micro-batch spans every data-parallel device')
+  M = rt.model_config.microbatches
+  if rt.model_config.stages > 1 and cfg.data.batch_size % (k * M * batch_ways):
+    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
+                      f'optimizer.grad_accum_steps={k} x {M} pipeline micro-batches x {over} = '
+                      f'{k * M * batch_ways}: each pipeline micro-batch spans every data-parallel '
+                      'device')
   c = cfg.checkpoint
   if c.every < 0 or c.keep_every < 0 or c.keep < 1:
     raise ConfigError(f'checkpoint.every={c.every}, checkpoint.keep={c.keep}, checkpoint.keep_every='
@@ -257,6 +270,8 @@ def train(cfg) -> dict:
   log = Logger(run_dir, cfg)
   log.print(f'shardlm: config {cfg.name}; {distributed.describe()}')
   log.print(sharding.describe(rt.mesh, rt.rules, distributed.host_of))
+  if m.stages > 1:
+    log.print(runtime.pipeline_line(m, B // cfg.optimizer.grad_accum_steps))
   log.print(f'data: {data.summary}; global batch {B} x {T}')
 
   # State, then the step compiled ahead of time. The run directory is written only after the

@@ -53,7 +53,7 @@ def test_parameter_count(name):
 def test_8b_compiles_for_8_way_tensor_parallel():
   B = 8  # a small global batch keeps the compile short; parameter memory does not depend on it
   s = setup_for('gpt_8b', **{'data.batch_size': B})
-  assert dict(s.rt.mesh.shape) == {'data': 1, 'fsdp': 1, 'model': 8}
+  assert dict(s.rt.mesh.shape) == {'data': 1, 'stage': 1, 'fsdp': 1, 'model': 8}
   T = s.rt.cfg.model.seq_len
   abstract = jax.eval_shape(s.init)
   compiled = s.step.lower(abstract, jax.ShapeDtypeStruct((B, T + 1), jnp.int32)).compile()
@@ -76,3 +76,19 @@ def test_8b_compiles_for_8_way_tensor_parallel():
   assert 12.4e9 < state_bytes < 12.6e9  # about 8.3e9 x 12 bytes / 8
   # The state is donated: the new state is written over the old, not into a second 12.5 GB.
   assert mem.alias_size_in_bytes >= state_bytes
+
+
+def test_gpt_1t_is_narayanan_et_al_s_trillion():
+  # Narayanan et al. 2021, Table 1: 128 layers x 25600 x 160 heads, T=2048, 1008B parameters at
+  # vocabulary 51200 (GPT-2's 50257 padded for mesh.model=8). One pipeline stage here: the
+  # count does not depend on the layout.
+  cfg = config.load('gpt_1t')
+  config.override(cfg, 'mesh.stage', '1')
+  config.override(cfg, 'mesh.data', '1')
+  s = train.setup(cfg, jax.devices()[:8])
+  L, D, T = 128, 25600, 2048
+  assert s.rt.model_config.padded_vocab == 51200
+  n = count(s.rt.abstract_params)
+  assert n == gpt2_param_count(L, D, 51200, T)
+  assert abs(n / 1008e9 - 1) < 0.02, n
+  assert s.rt.model_config.num_heads == 160

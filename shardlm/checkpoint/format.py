@@ -42,6 +42,37 @@ class Target:
   padded_vocab: int
   kind: str          # model kind ('gpt', 'bert'): a checkpoint of another kind is refused
   mesh_shape: dict   # axis name -> size, recorded in the metadata
+  # A circular pipeline keeps its layer stack stage-major (model/pipeline.py): `layer_order[i]` is
+  # the layer at position i of every `stacked` leaf (dotted names); None is the natural order.
+  layer_order: tuple | None = None
+  stacked: frozenset = frozenset()
+
+
+def layer_order_meta(target: Target) -> dict:
+  """What the metadata records of the layer order a checkpoint's stacks are written in."""
+  return {'layer_order': None if target.layer_order is None else list(target.layer_order)}
+
+
+def reorder_layers(tree, target: Target, meta: dict):
+  """The restored `tree` with every stacked leaf put from the order the checkpoint recorded into
+  the target's: the stack is stored whole ([L, ...]), in the writer's order, so that saving costs
+  no copy; restoring costs one per stacked leaf when the orders differ."""
+  L = next((leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if _name(path) in target.stacked), None)
+  if L is None:
+    return tree
+  natural = np.arange(L)
+  stored = np.asarray(meta.get('layer_order') or natural)
+  wanted = np.asarray(target.layer_order if target.layer_order is not None else natural)
+  if np.array_equal(stored, wanted):
+    return tree
+  take = np.argsort(stored)[wanted]  # stored position of the layer each target position holds
+
+  def move(path, leaf):
+    if _name(path) not in target.stacked:
+      return leaf
+    return jax.jit(lambda a: a[take], out_shardings=leaf.sharding, donate_argnums=0)(leaf)
+  return jax.tree_util.tree_map_with_path(move, tree)
 
 
 # -- quiet orbax --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from shardlm.checkpoint.format import (FORMAT, Target, Unreadable, _flat, _list, _quietly, _registry,
+                                       layer_order_meta, reorder_layers,
                                        committed_steps, find, quiet, read_arrays, read_meta,
                                        restore_args)
 from shardlm import distributed, errors
@@ -61,6 +62,7 @@ def restore_params(directory, target: Target, expect=None) -> tuple[dict, Path, 
     return ocp.PyTreeCheckpointHandler().restore(path / 'state', args=ocp.args.PyTreeRestore(
         item={'params': target.abstract}, restore_args=args, partial_restore=True))['params']
   params = _quietly(read, lambda failure: ConfigError(f'{what} cannot be read: {failure}'))
+  params = reorder_layers(params, target, meta)
   return params, path, meta
 
 
@@ -151,6 +153,7 @@ class Checkpoints:
       state = _quietly(read, Unreadable)
     finally:
       reader.close()
+    state = reorder_layers(state, self.target, meta)
     step = int(np.asarray(state['step'].addressable_data(0)))
     if step != meta['step']:
       raise Unreadable(f"its state is at step {step} but its metadata says {meta['step']}")
@@ -235,6 +238,7 @@ class Checkpoints:
         'rng': {'seed': self.cfg.train.seed, 'impl': str(jax.config.jax_default_prng_impl)},
         'model': {'vocab_size': self.cfg.model.vocab_size, 'padded_vocab': self.target.padded_vocab},
         'mesh': dict(self.target.mesh_shape), 'processes': jax.process_count(),
+        **layer_order_meta(self.target),
     }
 
   def close(self) -> list[int]:

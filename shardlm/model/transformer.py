@@ -1,4 +1,5 @@
-"""The transformer stack shared by GPT and BERT: its config, one block, L blocks scanned."""
+"""The transformer stack shared by GPT and BERT: its config, one block, and the layer runner that
+applies L blocks: scanned, unrolled, or pipelined over stages (model/pipeline.py)."""
 import dataclasses
 import math
 
@@ -6,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shardlm.model.layers import MLP, RESIDUAL, LayerNorm, SelfAttention
+from shardlm.model import pipeline
 from shardlm.model.axes import constrain
+from shardlm.model.layers import MLP, RESIDUAL, LayerNorm, SelfAttention
 
 # What each remat policy keeps from the forward pass; everything else is recomputed.
 # `selective` recomputes only the attention core (scores, softmax, attention over values),
@@ -40,6 +42,16 @@ class TransformerConfig:
   type_vocab: int = 2       # BERT's token types (segments)
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  stages: int = 1           # P > 1: the pipeline runner; the layer stack stored stage-major
+  repeats: int = 1          # R: circular repeats
+  microbatches: int = 1     # M: pipeline micro-batches
+
+  @property
+  def layer_order(self):
+    """Which layer each position of the stored stack holds (None: the natural order)."""
+    if self.stages == 1 or self.repeats == 1:
+      return None
+    return pipeline.stage_major(self.num_layers, self.stages, self.repeats)
 
   @classmethod
   def from_config(cls, model_cfg, padded_vocab: int, **fixed) -> 'TransformerConfig':
@@ -91,7 +103,9 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-  """L blocks whose parameters are stacked on a leading `layers` axis, run by lax.scan."""
+  """L blocks whose parameters are stacked on a leading `layers` axis, run by lax.scan, unrolled,
+  or pipelined. A circular pipeline (R > 1) stores the stack in its stage-major order
+  (`TransformerConfig.layer_order`); checkpoints record the order and restores convert it."""
 
   def __init__(self, c: TransformerConfig, *, rngs):
     self.config = c
@@ -102,6 +116,9 @@ class Stack(nnx.Module):
       return Block(c, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
+    if c.layer_order is not None:  # drawn in layer order, whatever the layout
+      state = nnx.state(self.blocks, nnx.Param)
+      nnx.update(self.blocks, jax.tree.map(lambda a: a[c.layer_order], state))
 
   def __call__(self, x_btd, mask=None, cache=None, decode=None):
     """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache).
@@ -114,6 +131,8 @@ class Stack(nnx.Module):
     graphdef, layer_params = nnx.split(self.blocks)
     local = jnp.arange(c.num_layers) % 2 == 1  # used only by 'alternating'
     if cache is not None:
+      if c.stages > 1:
+        raise ValueError('decoding runs without the pipeline: build the model with mesh.stage=1')
       def decode_layer(carry, xs):
         x_btd, cache = carry
         params, is_local, i = xs
@@ -126,17 +145,22 @@ class Stack(nnx.Module):
           (x_btd, cache), _ = decode_layer((x_btd, cache), jax.tree.map(lambda a: a[i], xs))
       return x_btd, cache
 
-    def layer(x_btd, xs):
-      params, is_local = xs
-      return nnx.merge(graphdef, params)(x_btd, is_local, mask), None
+    def layer(x_btd, params, is_local, mask):
+      return nnx.merge(graphdef, params)(x_btd, is_local, mask)
 
     saved = _SAVED[c.remat]
     if saved is not None:
       policy = jax.checkpoint_policies.save_only_these_names(*saved)
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    if c.stages > 1:
+      names = jax.tree.map(tuple, nnx.get_partition_spec(layer_params),
+                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+      return pipeline.run(layer, layer_params, names, x_btd, mask, stages=c.stages, repeats=c.repeats,
+                          microbatches=c.microbatches, scan=c.scan_layers)
     if c.scan_layers:
-      x_btd, _ = jax.lax.scan(layer, x_btd, (layer_params, local))
+      x_btd, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs, mask), None), x_btd,
+                              (layer_params, local))
     else:  # unrolled: compile time grows with depth, but no stacking of saved activations
       for i in range(c.num_layers):
-        x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_params, local)))
+        x_btd = layer(x_btd, *jax.tree.map(lambda a: a[i], (layer_params, local)), mask)
     return x_btd
