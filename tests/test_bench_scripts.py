@@ -80,3 +80,19 @@ def test_sop_probe_runs_and_refuses_gpt():
   proc = subprocess.run(probe + ['--steps', '2', '--config', 'tiny'], capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 2 and 'needs a BERT config' in proc.stderr
+
+
+def test_bench_pipeline_compares_layouts_in_one_run(tmp_path):
+  """`bench_pipeline.py`: a plain and a pipelined layout timed in one process, with the bubble."""
+  out = tmp_path / 'pipe.json'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  proc = subprocess.run([sys.executable, str(ROOT / 'scripts/bench_pipeline.py'), '--layouts',
+                         'data=2;stage=2', '--microbatches', '4', '--steps', '2',
+                         '--config.model.num_layers=2', '--config.model.scan_layers=true',
+                         '--out', str(out)], capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  plain, piped = json.loads(out.read_text())['layouts']
+  assert (plain['stages'], piped['stages'], piped['microbatches']) == (1, 2, 4)
+  assert piped['bubble'] == 1 / 5 and plain['bubble'] == 0
+  assert plain['step_s'] > 0 and piped['step_s'] > 0
+  assert piped['argument_bytes'] < plain['argument_bytes']  # half the layers per device

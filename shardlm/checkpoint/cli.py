@@ -39,6 +39,9 @@ def inspect(directory, out=sys.stdout) -> dict:
         f"lr {c['optimizer']['lr']:g} {c['optimizer']['schedule']}, {c['train']['steps']} steps",
         file=out)
   print(f'written on  mesh {mesh}, {meta["processes"]} process(es)', file=out)
+  if meta.get('layer_order'):  # a circular pipeline's stage-major stack
+    print(f"layers      stored in the order {meta['layer_order']} (restores put them in order)",
+          file=out)
   print(f"tokenizer   {meta['tokenizer']['name']} ({meta['tokenizer']['vocab_size']} ids, "
         f"fingerprint {meta['tokenizer']['fingerprint']})", file=out)
   print(f"parameters  {n_params:,} (vocabulary {vocab['vocab_size']} stored padded to "
