@@ -6,10 +6,14 @@ Layout:    mesh.model=8 (Megatron tensor parallel inside a node), data parallel 
            add --config.mesh.fsdp=N to shard parameters and optimizer state ZeRO-3 style when
            memory is short.
 64 GPUs:   one model copy over 8 nodes, 3-D (PTD-P): --config.mesh.stage=8 --config.mesh.model=8
-           --config.model.pipeline_microbatches=64: 8 pipeline stages of 9 layers, each 8-way
-           tensor parallel; 64 micro-batches of 8 sequences, bubble 7/71 = 10% (add
-           --config.model.pipeline_repeats=3 for 7/199 = 3.5%). Compiles ahead of time for 64
-           simulated devices in seconds (tests/test_pipeline.py): 150M parameters per device.
+           --config.model.pipeline_microbatches=64 --config.optimizer.grad_accum_steps=4:
+           8 pipeline stages of 9 layers, each 8-way tensor parallel; each of 4 accumulation
+           steps runs 64 micro-batches of 2 sequences, bubble 7/71 = 10% (add
+           --config.model.pipeline_repeats=3 for 7/199 = 3.5%). 150M parameters (1.8 GB of
+           state) per device; XLA's estimate of temporary memory is 35 GB per device (133 GB
+           without the accumulation: the embedding and LM head see the whole batch on every
+           stage). Compiles ahead of time for 64 simulated devices in seconds
+           (tests/test_pipeline.py); not run on GPUs yet.
 Recipe:    Megatron-LM's GPT-2 schedule: global batch 512 x 1024, lr 1.5e-4, 3k warmup, cosine
            to 1e-5 over 300k steps, weight decay 0.01, bf16 compute. GPT-2's 50257 ids are padded
            to a multiple of 128 x mesh.model. Data: add --config.data.tokenizer=gpt2/tokenizer.json

@@ -65,11 +65,15 @@ def load(directory, overrides=(), devices=None) -> Loaded:
   cfg.dist = config_lib.defaults().dist
   cfg.mesh.update({axis: 1 for axis in cfg.mesh.keys()})
   cfg.mesh.data = -1
+  cfg.model.update(pipeline_microbatches=0, pipeline_repeats=1)  # the stack runs whole here
   for arg in overrides:
     if not arg.startswith('--config.') or '=' not in arg:
       raise ConfigError(f"unexpected argument '{arg}'; expected --config.section.key=value")
     key, raw = arg[len('--config.'):].split('=', 1)
     config_lib.override(cfg, key, raw)
+  if cfg.mesh.get('stage', 1) != 1:
+    raise ConfigError(f'mesh.stage={cfg.mesh.stage}: evaluation and generation run without the '
+                      'pipeline (mesh.stage=1); split the model with --config.mesh.model instead')
   distributed.initialize(cfg)  # before anything touches a device
   devices = list(devices if devices is not None else jax.devices())
   if not any(a.startswith('--config.mesh.model=') for a in overrides):

@@ -78,11 +78,11 @@ class Runtime:
 
   def target(self) -> Target:
     """What a checkpoint's parameters are restored into, on this mesh."""
-    order = self.model_config.layer_order
+    mc = self.model_config
     return Target(abstract=self.abstract_params, shardings=self.param_shardings,
-                  padded_vocab=self.model_config.padded_vocab, kind=self.kind.name,
+                  padded_vocab=mc.padded_vocab, kind=self.kind.name,
                   mesh_shape=dict(self.mesh.shape),
-                  layer_order=None if order is None else tuple(int(i) for i in order),
+                  stage_major=None if mc.layer_order is None else (mc.stages, mc.repeats),
                   stacked=frozenset(n for n, s in checkpoint_names(self.stacked).items() if s))
 
   def init_params(self, seed: int) -> dict:
@@ -170,13 +170,18 @@ def check_pipeline(m, stages: int) -> None:
     return
   if m.num_layers % (R * P):
     fits = [r for r in range(1, m.num_layers + 1) if m.num_layers % (r * P) == 0]
+    stages = [p for p in range(2, m.num_layers + 1) if m.num_layers % p == 0]
     raise ConfigError(f'model.num_layers={m.num_layers} is not divisible by mesh.stage={P} x '
-                      f'model.pipeline_repeats={R}; with mesh.stage={P} the repeats may be '
-                      f'{fits}' if fits else f'model.num_layers={m.num_layers} cannot be split '
-                      f'over mesh.stage={P} stages; use a mesh.stage that divides it')
+                      f'model.pipeline_repeats={R}; '
+                      + (f'with mesh.stage={P} the repeats may be {fits}' if fits else
+                         f'mesh.stage may be one of {stages} (divisors of the layers)'))
   if M and M % P:
     raise ConfigError(f'model.pipeline_microbatches={M} is not a multiple of mesh.stage={P} '
                       f'(e.g. {P}, {2 * P}, {4 * P}; 0 means {P})')
+  if R > 1 and m.remat == 'none':
+    errors.warn(f"model.pipeline_repeats={R} with model.remat='none' keeps a copy of each stage's "
+                'layers for every pipeline iteration, for the backward pass; '
+                "model.remat='selective' or 'full' recomputes it instead")
 
 
 def build(cfg, devices=None) -> Runtime:

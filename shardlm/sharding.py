@@ -22,7 +22,8 @@ _TENSOR = [('vocab', 'model'), ('act_vocab', 'model'), ('mlp', 'model'), ('act_m
            ('heads', 'model'), ('act_heads', 'model')]
 _FSDP = [('embed', 'fsdp')]
 # Pipeline parallelism, orthogonal to the preset: the layer stack, its stage part and the pipeline
-# buffer split over `stage` (of size 1 unless the config sets mesh.stage, when it changes nothing).
+# buffer are split over the `stage` axis. These rules are always there; while mesh.stage is 1 they
+# split nothing.
 PIPELINE = [('layers', 'stage'), ('stage', 'stage'), ('act_stage', 'stage')]
 # Ordered (logical name, mesh axes) pairs; names not listed are replicated.
 PRESETS = {

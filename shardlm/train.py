@@ -75,9 +75,9 @@ def check_config(cfg, rt: runtime.Runtime) -> None:
   M = rt.model_config.microbatches
   if rt.model_config.stages > 1 and cfg.data.batch_size % (k * M * batch_ways):
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'optimizer.grad_accum_steps={k} x {M} pipeline micro-batches x {over} = '
-                      f'{k * M * batch_ways}: each pipeline micro-batch spans every data-parallel '
-                      'device')
+                      f'optimizer.grad_accum_steps={k} x model.pipeline_microbatches={M} x {over} '
+                      f'= {k * M * batch_ways}: each pipeline micro-batch spans every '
+                      'data-parallel device; lower model.pipeline_microbatches or raise the batch')
   c = cfg.checkpoint
   if c.every < 0 or c.keep_every < 0 or c.keep < 1:
     raise ConfigError(f'checkpoint.every={c.every}, checkpoint.keep={c.keep}, checkpoint.keep_every='

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from conftest import random_tokens
+from conftest import random_tokens, run_steps
 from test_bert import synthetic_batch
 
 from shardlm import checkpoint, config, hlo, train
@@ -97,7 +97,8 @@ CASES.update({
     'P=2,R=2,M=4,remat=full': pipelined(2, 2, 4, **{'model.remat': 'full'}),
     'P=2,R=2,M=4,remat=selective': pipelined(2, 2, 4, **{'model.remat': 'selective'}),
     'P=2,R=2,M=2,unrolled': pipelined(2, 2, 2, **{'model.scan_layers': False}),
-    'P=2,R=1,M=2,alternating': pipelined(2, 1, 2, **{'model.attention': 'alternating',
+    # K = 1 layer per stage and repeat: each stage's flag depends on its stage and repeat.
+    'P=4,R=2,M=4,alternating': pipelined(4, 2, 4, **{'model.attention': 'alternating',
                                                      'model.window': 4}),
 })
 
@@ -116,9 +117,9 @@ def test_pipelined_bert_equals_the_plain_step():
 
 @pytest.mark.parametrize('P, R, M', [(2, 1, 2), (4, 2, 8)])
 def test_bubbles_never_touch_the_result(P, R, M, monkeypatch):
-  # Every input a bubble computes on becomes NaN: a NaN that reached the loss, an output or a
-  # parameter gradient (0 x NaN is NaN) would show.
-  monkeypatch.setattr(pipeline, 'BUBBLE_FILL', float('nan'))
+  # Every slot a bubble could read holds NaN before anything real arrives: a NaN that reached
+  # the loss, an output or a parameter gradient (0 x NaN is NaN) would show.
+  monkeypatch.setattr(pipeline, 'STALE', float('nan'))
   assert_same(loss_and_grads(make(**pipelined(P, R, M))), reference('gpt'))
 
 
@@ -130,17 +131,26 @@ def test_grad_accumulation_outside_and_micro_batches_inside():
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_low_precision_trains_like_the_plain_step(dtype):
-  def losses(cfg):
-    s = train.setup(cfg, devices_for(cfg))
-    state, out = s.init(), []
-    for step in range(3):
-      state, metrics = s.step(state, random_tokens(cfg).global_batch(step, s.batch_sharding))
-      out.append(float(metrics['loss']))
-    return np.array(out)
+  losses = lambda cfg: run_steps(cfg, devices_for(cfg), steps=3)[2]['loss']
   plain = losses(make(**{'model.dtype': dtype}))
   piped = losses(make(**pipelined(2, 2, 4, **{'model.dtype': dtype})))
   assert np.all(np.isfinite(piped))
   np.testing.assert_allclose(piped, plain, rtol=2e-2)  # the same sums in another order
+
+
+def test_memory_does_not_hold_the_layers_per_iteration():
+  """The backward pass keeps each stage's layers once, not once per pipeline iteration: from
+  M = 2 to M = 8 (6 more iterations) the temporary memory grows by less than one stage's layers
+  (D = 256: 12 MiB of layers against a few MiB of activations)."""
+  def temp(R, M, remat):
+    cfg = make(**pipelined(2, R, M, **{'model.hidden': 256, 'data.batch_size': 8,
+                                       'model.remat': remat}))
+    s = train.setup(cfg, devices_for(cfg))
+    tokens = jax.ShapeDtypeStruct((8, T + 1), jnp.int32)
+    return s.grads.lower(s.rt.abstract_params, tokens).compile().memory_analysis().temp_size_in_bytes
+  stage_bytes = L // 2 * 12 * 256 * 256 * 4
+  for R, remat in ((1, 'none'), (2, 'full'), (2, 'selective')):
+    assert temp(R, 8, remat) - temp(R, 2, remat) < stage_bytes, (R, remat)
 
 
 # -- the compiled program ---------------------------------------------------------------------------
@@ -189,9 +199,13 @@ def test_compiled_pipeline_moves_one_buffer_per_iteration_and_holds_a_stage():
   assert pipeline_problems() == []
 
 
-def test_pipeline_check_catches_replicated_layers():
-  problems = pipeline_problems(rules=(('layers', None),))
-  assert any('argument bytes' in p for p in problems), problems
+@pytest.mark.parametrize('rule, problem', [
+    (('layers', None), 'argument bytes'),         # every device holds every layer
+    (('layers', 'data'), 'a layer stack gathered'),  # split on the wrong axis: gathered to run
+])
+def test_pipeline_check_catches_a_wrong_layer_rule(rule, problem):
+  problems = pipeline_problems(rules=(rule,))
+  assert any(problem in p for p in problems), problems
 
 
 def test_executed_work_is_the_formula():
@@ -275,17 +289,48 @@ def test_checkpoints_cross_between_pipelined_and_plain(direction, tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_a_circular_checkpoint_reads_in_layer_order_everywhere(tmp_path):
+  """Parameters of an R=2 run read back in layer order by every reader: restore_params (the
+  runtime's target), inference (evaluate, generate), export-params, and convert to-hf."""
+  from safetensors.numpy import load_file
+  from shardlm import convert, inference
+  cfg = make(**pipelined(4, 2, 4, **{'mesh.data': 2, 'train.run_dir': tmp_path / 'run'}))
+  path, _ = train_and_save(cfg, tmp_path / 'run', steps=2, more=0)
+  s = train.setup(cfg, devices_for(cfg))
+  state, _, _ = checkpoint.Checkpoints(cfg, tmp_path / 'run', ByteTokenizer(), s.target()).restore()
+  want = checkpoint.flat_names(natural(s, state['params']))  # the run's own view, reordered
+  kernel = 'h.blocks.mlp.fc.kernel'
+  assert not np.array_equal(np.asarray(state['params']['h']['blocks']['mlp']['fc']['kernel']),
+                            want[kernel])  # stored stage-major: the test can tell the orders apart
+  readers = {
+      'numpy': checkpoint.flat_names(checkpoint.read_params_numpy(path)['params']),
+      'inference': checkpoint.flat_names(inference.load(path, devices=jax.devices()[:1]).params),
+  }
+  export = checkpoint.export_params(path, tmp_path / 'export')
+  readers['export-params'] = checkpoint.flat_names(checkpoint.read_params_numpy(export)['params'])
+  for reader, got in readers.items():
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=f'{reader}: {name}')
+  hf = load_file(str(convert.to_hf(path, tmp_path / 'hf')['path'] / 'model.safetensors'))
+  for i in range(L):  # GPT-2's c_fc is our [D, F] kernel of layer i
+    got = next(v for k, v in hf.items() if k.endswith(f'h.{i}.mlp.c_fc.weight'))
+    np.testing.assert_array_equal(got, want[kernel][i], err_msg=str(i))
+
+
 # -- configuration ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('overrides, message', [
     (pipelined(4, 3, 4), 'model.num_layers=8 is not divisible by mesh.stage=4 x model.pipeline_repeats=3'),
     (pipelined(4, 1, 6), 'model.pipeline_microbatches=6 is not a multiple of mesh.stage=4'),
     (pipelined(2, 0, 2), 'model.pipeline_repeats=0 must be >= 1'),
-    (pipelined(2, 1, 32), 'data.batch_size=16 is not divisible by optimizer.grad_accum_steps=1 x 32'),
+    (pipelined(2, 1, -1), 'model.pipeline_microbatches=-1 must be >= 0'),
+    (pipelined(3, 1, 3), 'mesh.stage may be one of [2, 4, 8]'),
+    (pipelined(2, 1, 32), 'data.batch_size=16 is not divisible by optimizer.grad_accum_steps=1 x '
+                          'model.pipeline_microbatches=32'),
 ])
 def test_bad_pipeline_settings(overrides, message):
   cfg = make(**overrides)
-  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     train.setup(cfg, devices_for(cfg))
 
 
@@ -301,38 +346,64 @@ def test_decoding_refuses_the_pipeline():
     jax.eval_shape(decode, s.rt.abstract_params)
 
 
-GPT_8B_AOT = textwrap.dedent('''
-    import os, json, time
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=64'
+AOT = textwrap.dedent('''
+    import json, os, sys, time
+    name, devices, overrides = json.loads(sys.argv[1])
+    os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     os.environ['JAX_PLATFORMS'] = 'cpu'
     import jax, jax.numpy as jnp
     from shardlm import config, train
-    cfg = config.load('gpt_8b')
-    for k, v in {'mesh.stage': 8, 'mesh.model': 8, 'mesh.data': 1, 'data.batch_size': 8}.items():
+    cfg = config.load(name)
+    for k, v in overrides.items():
       config.override(cfg, k, str(v))
     t0 = time.perf_counter()
     s = train.setup(cfg)
-    compiled = s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct((8, 1025), jnp.int32)).compile()
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)
+    compiled = s.step.lower(jax.eval_shape(s.init), tokens).compile()
     m = compiled.memory_analysis()
     print(json.dumps({'seconds': time.perf_counter() - t0, 'mesh': dict(s.rt.mesh.shape),
-                      'argument_bytes': m.argument_size_in_bytes, 'alias_bytes': m.alias_size_in_bytes}))
+                      'argument_bytes': m.argument_size_in_bytes, 'alias_bytes': m.alias_size_in_bytes,
+                      'temp_bytes': m.temp_size_in_bytes}))
 ''')
 
 
-def test_gpt_8b_compiles_for_64_devices_at_stage_8_model_8():
-  out = subprocess.run([sys.executable, '-c', GPT_8B_AOT], capture_output=True, text=True,
-                       timeout=300)
+def compile_ahead(name, devices, overrides):
+  """`name` with `overrides` compiled ahead of time for `devices` simulated CPU devices, in a
+  subprocess (its own XLA_FLAGS): seconds, mesh and memory_analysis bytes per device."""
+  out = subprocess.run([sys.executable, '-c', AOT, json.dumps([name, devices, overrides])],
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def per_device_params(L, D, V, T, stage, model):
+  """GPT parameters per device under megatron_fsdp with `layers -> stage`: the layers' tensor-
+  parallel matrices and the Q/K/V and first MLP biases split stage x model ways, the layers' six
+  D-vectors (two LayerNorms, two output biases) stage ways, the token table model ways
+  (vocabulary-parallel), positions and ln_f whole."""
+  F = 4 * D
+  return (L * (4 * D * D + 3 * D + 2 * D * F + F) // (stage * model) + L * 6 * D // stage
+          + V * D // model + T * D + 2 * D)
+
+
+def test_gpt_8b_compiles_for_64_devices_at_stage_8_model_8():
+  B = 8
+  r = compile_ahead('gpt_8b', 64, {'mesh.stage': 8, 'mesh.model': 8, 'mesh.data': 1,
+                                   'data.batch_size': B})
   assert r['mesh'] == {'data': 1, 'stage': 8, 'fsdp': 1, 'model': 8}
   assert r['seconds'] < 300
-  # Per device: the layers' tensor-parallel matrices (and Q/K/V and first MLP biases) 1/64 (8
-  # stages x 8-way Megatron); the layers' six D-vectors 1/8 (stages only); the token table 1/8
-  # (vocabulary-parallel); positions and ln_f whole. Parameters and Adam's two moments, float32.
-  L, D, V, T = 72, 3072, 51200, 1024
-  F = 4 * D
-  params = (L * (4 * D * D + 3 * D + 2 * D * F + F) // 64 + L * 6 * D // 8 + V * D // 8
-            + T * D + 2 * D)
-  state_bytes, tokens_bytes = 12 * params, 8 * (T + 1) * 4
-  assert abs(r['argument_bytes'] - (state_bytes + tokens_bytes)) < 1024  # + int32 counters
+  # float32 parameters and Adam's two moments: 150M parameters per device, 1/64 of the layers.
+  state_bytes = 12 * per_device_params(72, 3072, 51200, 1024, stage=8, model=8)
+  assert abs(r['argument_bytes'] - (state_bytes + B * 1025 * 4)) < 1024  # + int32 counters
   assert r['alias_bytes'] >= state_bytes  # donated: updated in place
+
+
+def test_gpt_1t_compiles_for_512_devices_at_stage_64_model_8():
+  # One pipeline of the paper's layout (its 6 data-parallel copies are the same program).
+  B = 64
+  r = compile_ahead('gpt_1t', 512, {'mesh.data': 1, 'data.batch_size': B,
+                                    'model.pipeline_microbatches': 64})
+  assert r['mesh'] == {'data': 1, 'stage': 64, 'fsdp': 1, 'model': 8}
+  state_bytes = 12 * per_device_params(128, 25600, 51200, 2048, stage=64, model=8)
+  assert 26.1e9 < state_bytes < 26.3e9  # 2.18B parameters per device
+  assert abs(r['argument_bytes'] - (state_bytes + B * 2049 * 4)) < 1024

@@ -39,9 +39,10 @@ def inspect(directory, out=sys.stdout) -> dict:
         f"lr {c['optimizer']['lr']:g} {c['optimizer']['schedule']}, {c['train']['steps']} steps",
         file=out)
   print(f'written on  mesh {mesh}, {meta["processes"]} process(es)', file=out)
-  if meta.get('layer_order'):  # a circular pipeline's stage-major stack
-    print(f"layers      stored in the order {meta['layer_order']} (restores put them in order)",
-          file=out)
+  if meta.get('stage_major'):  # a circular pipeline's layer stacks
+    m = meta['stage_major']
+    print(f"layers      stored stage-major for {m['stages']} stages x {m['repeats']} repeats "
+          '(every restore puts them in layer order)', file=out)
   print(f"tokenizer   {meta['tokenizer']['name']} ({meta['tokenizer']['vocab_size']} ids, "
         f"fingerprint {meta['tokenizer']['fingerprint']})", file=out)
   print(f"parameters  {n_params:,} (vocabulary {vocab['vocab_size']} stored padded to "
@@ -65,7 +66,7 @@ def export_params(directory, out) -> Path:
   path, out = find(directory), Path(out)
   if out.exists():
     raise ConfigError(f'{out} already exists; export-params writes a new directory')
-  meta = read_meta(path)
+  meta = {k: v for k, v in read_meta(path).items() if k != 'stage_major'}  # read in layer order
   return save_params(out, read_params_numpy(path)['params'], meta)
 
 

@@ -42,37 +42,66 @@ class Target:
   padded_vocab: int
   kind: str          # model kind ('gpt', 'bert'): a checkpoint of another kind is refused
   mesh_shape: dict   # axis name -> size, recorded in the metadata
-  # A circular pipeline keeps its layer stack stage-major (model/pipeline.py): `layer_order[i]` is
-  # the layer at position i of every `stacked` leaf (dotted names); None is the natural order.
-  layer_order: tuple | None = None
+  # A circular pipeline keeps its layer stacks (the `stacked` leaves, dotted names) stage-major:
+  # (P, R) = (stages, repeats), model/pipeline.py; None is the natural layer order.
+  stage_major: tuple | None = None
   stacked: frozenset = frozenset()
 
 
 def layer_order_meta(target: Target) -> dict:
-  """What the metadata records of the layer order a checkpoint's stacks are written in."""
-  return {'layer_order': None if target.layer_order is None else list(target.layer_order)}
+  """What the metadata records of the order a checkpoint's layer stacks are written in."""
+  if target.stage_major is None:
+    return {}
+  P, R = target.stage_major
+  return {'stage_major': {'stages': P, 'repeats': R, 'arrays': sorted(target.stacked)}}
+
+
+def _to_natural(a, stage_major):
+  """A stack [L, ...] stored stage-major ([P, R, K] flattened) in layer order ([R, P, K])."""
+  if stage_major is None:
+    return a
+  P, R = stage_major
+  return a.reshape(P, R, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def _from_natural(a, stage_major):
+  if stage_major is None:
+    return a
+  P, R = stage_major
+  return a.reshape(R, P, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def _stored_order(meta: dict):
+  m = meta.get('stage_major')
+  return None if m is None else (m['stages'], m['repeats'])
 
 
 def reorder_layers(tree, target: Target, meta: dict):
   """The restored `tree` with every stacked leaf put from the order the checkpoint recorded into
-  the target's: the stack is stored whole ([L, ...]), in the writer's order, so that saving costs
-  no copy; restoring costs one per stacked leaf when the orders differ."""
-  L = next((leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-            if _name(path) in target.stacked), None)
-  if L is None:
+  the target's: the stack is stored whole ([L, ...]) in the writer's order, so that saving costs
+  no copy; restoring costs one per stacked leaf when the orders differ (a reshape and transpose:
+  an all-to-all between stages, never a gather of the whole stack)."""
+  stored, wanted = _stored_order(meta), target.stage_major
+  if stored == wanted:
     return tree
-  natural = np.arange(L)
-  stored = np.asarray(meta.get('layer_order') or natural)
-  wanted = np.asarray(target.layer_order if target.layer_order is not None else natural)
-  if np.array_equal(stored, wanted):
-    return tree
-  take = np.argsort(stored)[wanted]  # stored position of the layer each target position holds
 
   def move(path, leaf):
     if _name(path) not in target.stacked:
       return leaf
-    return jax.jit(lambda a: a[take], out_shardings=leaf.sharding, donate_argnums=0)(leaf)
+    convert = lambda a: _from_natural(_to_natural(a, stored), wanted)
+    return jax.jit(convert, out_shardings=leaf.sharding, donate_argnums=0)(leaf)
   return jax.tree_util.tree_map_with_path(move, tree)
+
+
+def in_layer_order(params: dict, meta: dict) -> dict:
+  """Host (numpy) parameters as `read_params_numpy` gives them ({'params': ...}), every layer
+  stack in layer order whatever order the checkpoint stored it in."""
+  order = _stored_order(meta)
+  if order is None:
+    return params
+  stacked = set(meta['stage_major']['arrays'])
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: _to_natural(a, order) if _name(path) in stacked else a, params)
 
 
 # -- quiet orbax --------------------------------------------------------------------------------
@@ -293,8 +322,9 @@ def restore_args(abstract, shardings, stored: dict, was_padded: int, now_padded:
 
 
 def read_params_numpy(path: Path) -> dict:
-  """{'params': tree of numpy arrays} of a train or params-only checkpoint, through host memory;
-  the optimizer state, two thirds of a checkpoint under Adam, is not read."""
+  """{'params': tree of numpy arrays} of a train or params-only checkpoint, through host memory,
+  every layer stack in layer order; the optimizer state, two thirds of a checkpoint under Adam,
+  is not read."""
   handler, state = ocp.PyTreeCheckpointHandler(), Path(path) / 'state'
 
   def error(failure):
@@ -304,8 +334,9 @@ def read_params_numpy(path: Path) -> dict:
     raise ConfigError(f'checkpoint {path} holds no parameters')
   item = {'params': tree['params']}
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  return _quietly(lambda: handler.restore(state, args=ocp.args.PyTreeRestore(
+  params = _quietly(lambda: handler.restore(state, args=ocp.args.PyTreeRestore(
       item=item, restore_args=args, partial_restore=True)), error)
+  return in_layer_order(params, read_meta(Path(path)))
 
 
 def save_params(out, params, meta: dict) -> Path:

@@ -74,17 +74,22 @@ def ways(name: str) -> int:
 def vmap(f, name: str, in_axes=0, out_axes=0):
   """jax.vmap whose mapped axis carries logical `name`: the layout keeps that axis split over the
   mesh axes the name maps to (the mapped dimension of every constraint inside f is pinned to
-  them, instead of being replicated), and constraints inside f leave those axes to it."""
+  them, instead of being replicated), and constraints inside f leave those axes to it. The
+  layout is the one active when the result is called (so vmaps nest)."""
   check_names((name,))
-  layout = _active.get()
-  if layout is None:
-    return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
-  mesh_axes = layout.mesh_axes(name)[0]
 
-  def inner(*args):
-    with use(layout.without(mesh_axes)):
-      return f(*args)
-  return jax.vmap(inner, in_axes=in_axes, out_axes=out_axes, spmd_axis_name=mesh_axes or None)
+  def call(*args):
+    layout = _active.get()
+    if layout is None:
+      return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)(*args)
+    mesh_axes = layout.mesh_axes(name)[0]
+
+    def inner(*a):
+      with use(layout.without(mesh_axes)):
+        return f(*a)
+    return jax.vmap(inner, in_axes=in_axes, out_axes=out_axes,
+                    spmd_axis_name=mesh_axes or None)(*args)
+  return call
 
 
 def rotate(x, name: str, axis: int = 0):

@@ -145,18 +145,22 @@ class Stack(nnx.Module):
           (x_btd, cache), _ = decode_layer((x_btd, cache), jax.tree.map(lambda a: a[i], xs))
       return x_btd, cache
 
-    def layer(x_btd, params, is_local, mask):
+    def block(x_btd, params, is_local, mask):
       return nnx.merge(graphdef, params)(x_btd, is_local, mask)
 
-    saved = _SAVED[c.remat]
-    if saved is not None:
+    def remat(f):
+      saved = _SAVED[c.remat]
+      if saved is None:
+        return f
       policy = jax.checkpoint_policies.save_only_these_names(*saved)
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+      return jax.checkpoint(f, policy=policy, prevent_cse=False)
+
     if c.stages > 1:
       names = jax.tree.map(tuple, nnx.get_partition_spec(layer_params),
                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-      return pipeline.run(layer, layer_params, names, x_btd, mask, stages=c.stages, repeats=c.repeats,
-                          microbatches=c.microbatches, scan=c.scan_layers)
+      return pipeline.run(block, remat, layer_params, names, x_btd, mask, stages=c.stages,
+                          repeats=c.repeats, microbatches=c.microbatches, scan=c.scan_layers)
+    layer = remat(block)
     if c.scan_layers:
       x_btd, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs, mask), None), x_btd,
                               (layer_params, local))
