@@ -311,6 +311,8 @@ def test_a_circular_checkpoint_reads_in_layer_order_everywhere(tmp_path):
   for reader, got in readers.items():
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=f'{reader}: {name}')
+  with pytest.raises(ConfigError, match='evaluation and generation run without the pipeline'):
+    inference.load(path, ['--config.mesh.stage=2'], devices=jax.devices()[:2])
   hf = load_file(str(convert.to_hf(path, tmp_path / 'hf')['path'] / 'model.safetensors'))
   for i in range(L):  # GPT-2's c_fc is our [D, F] kernel of layer i
     got = next(v for k, v in hf.items() if k.endswith(f'h.{i}.mlp.c_fc.weight'))
