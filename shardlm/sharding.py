@@ -31,6 +31,9 @@ PRESETS = {
     'megatron': _BATCH + _TENSOR,
     'fsdp': _BATCH + _FSDP,
     'megatron_fsdp': _BATCH + _TENSOR + _FSDP,
+    # Korthikanti et al. 2022: the residual stream (LayerNorms, dropout, residual adds) split on T
+    # over the tensor-parallel group; each layer's all-reduces become reduce-scatter + all-gather.
+    'megatron_sp': _BATCH + _TENSOR + [('act_length', 'model')],
 }
 
 

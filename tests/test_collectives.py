@@ -122,3 +122,45 @@ def test_fsdp_check_catches_replicated_gradients():
   big = [i for i in module.collectives('all-reduce')
          if i.shapes and math.prod(i.shapes[0][1]) >= D * D]
   assert big and not all(_uses_only_slices(module, i.name) for i in big)
+
+
+# -- sequence parallelism (Korthikanti et al. 2022) -------------------------------------------------
+
+def sequence_parallel_violations(module, s):
+  """What in each layer loop departs from Megatron-SP: per layer, forward and backward, two
+  all-gathers of the activation from its T/t shards, and two reduce-scatters of it, where XLA:CPU
+  writes a reduce-scatter as an all-reduce whose only use is the slice each device keeps (read
+  right after SPMD partitioning, as for FSDP); no activation all-reduce kept whole."""
+  data, t = s.rt.mesh.shape['data'], s.rt.mesh.shape['model']
+  full = B // data * T * D  # the activation a data-parallel shard holds, B x T x D
+  problems = []
+  loops = [b for b in module.while_bodies if module.collectives(computation=b)]
+  if len(loops) != 2:
+    problems.append(f'expected a forward and a backward layer loop, found {loops}')
+  for body in loops:
+    acts = [i for i in module.collectives(computation=body) if i.group_size == t
+            and i.shapes and math.prod(i.shapes[0][1]) == full]
+    gathers = [i for i in acts if i.op.startswith('all-gather')]
+    scatters = [i for i in acts if i.op.startswith('all-reduce') and _uses_only_slices(module, i.name)]
+    whole = [i for i in acts if i.op.startswith('all-reduce') and i not in scatters]
+    if whole:
+      problems.append(f'{body}: {len(whole)} all-reduces of the activation kept whole')
+    if (len(gathers), len(scatters)) != (2, 2):
+      problems.append(f'{body}: {len(gathers)} all-gathers and {len(scatters)} reduce-scatters of '
+                      f'the activation per layer, expected 2 and 2')
+    for i in gathers:  # gathered from T/t shards: each device sent B x T x D / t
+      operand = next(x for x in module.instrs if x.name == i.operands[0])
+      if math.prod(operand.shapes[0][1]) * t != full:
+        problems.append(f'{body}: all-gather of {operand.shapes} is not B x T x D / {t}')
+  return problems
+
+
+def test_megatron_sp_scatters_and_gathers_instead_of_all_reducing():
+  s, lowered = lowered_step('megatron_sp', MEGATRON_MESH)
+  assert sequence_parallel_violations(hlo.parse(hlo.partitioned_text(lowered)), s) == []
+
+
+def test_sequence_parallel_check_catches_an_unsplit_residual():
+  s, lowered = lowered_step('megatron_sp', MEGATRON_MESH, rules=(('act_length', None),))
+  problems = sequence_parallel_violations(hlo.parse(hlo.partitioned_text(lowered)), s)
+  assert any('kept whole' in p for p in problems), problems

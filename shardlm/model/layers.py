@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 from shardlm.model.attention import attend
 from shardlm.model.axes import constrain
 
-RESIDUAL = ('batch', 'length', 'act_embed')
+RESIDUAL = ('batch', 'act_length', 'act_embed')  # the residual stream: T split under sequence parallelism
 
 
 def project(x, kernel, n_in=1):
@@ -19,7 +19,8 @@ def project(x, kernel, n_in=1):
   span several dimensions (B and T) a transposed copy of the activations first; flattened to
   rows it does not (one MLP's forward+backward: 23.7 -> 10.5 ms on a 2-core CPU).
   The merged rows keep the batch sharding as long as 'length' is not split over a mesh axis
-  (no preset splits it); a rule table that splits it would make the partitioner reshard here.
+  (no preset splits it; megatron_sp splits the residual stream's 'act_length', whose shards are
+  gathered before a column-parallel projection anyway, as sequence parallelism does).
   """
   k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
