@@ -164,3 +164,43 @@ def test_sequence_parallel_check_catches_an_unsplit_residual():
   s, lowered = lowered_step('megatron_sp', MEGATRON_MESH, rules=(('act_length', None),))
   problems = sequence_parallel_violations(hlo.parse(hlo.partitioned_text(lowered)), s)
   assert any('kept whole' in p for p in problems), problems
+
+
+def per_layer_temp_bytes(preset, remat, rules=()):
+  """Compiled temporary bytes per layer per device (24 layers minus 12, over 12), bf16, t = 4."""
+  def temp(layers):
+    cfg = config.load('tiny')
+    for key, value in {'model.num_layers': layers, 'model.hidden': 256, 'model.num_heads': 8,
+                       'model.seq_len': 256, 'model.vocab_size': 256, 'model.dtype': 'bfloat16',
+                       'model.remat': remat, 'model.scan_layers': True, 'data.batch_size': 16,
+                       'mesh.data': 2, 'mesh.model': 4, 'sharding.preset': preset,
+                       'sharding.rules': repr(rules)}.items():
+      config.override(cfg, key, str(value))
+    s = train.setup(cfg)
+    step = s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct((16, 257), jnp.int32))
+    return step.compile().memory_analysis().temp_size_in_bytes
+  return (temp(24) - temp(12)) / 12
+
+
+def korthikanti_ratio(remat, a=8, s=256, h=256, t=4):
+  """Activation memory per layer, sequence parallel over tensor parallel (Korthikanti et al. 2022,
+  Table 2): sbh(34/t + 5as/(ht)) against sbh(10 + 24/t + 5as/(ht)); with selective recomputation
+  the attention term (5as/(ht)) is recomputed, not stored."""
+  attention = 5 * a * s / (h * t) if remat == 'none' else 0
+  return (34 / t + attention) / (10 + 24 / t + attention)
+
+
+@pytest.mark.parametrize('remat', ['none', 'selective'])
+def test_megatron_sp_saves_activation_memory_as_korthikanti_predicts(remat):
+  """Per-layer compiled temporaries (24 layers minus 12) fall from megatron to megatron_sp as the
+  paper's formulas predict, within 25%; splitting nothing on T (a wrong rule) saves nothing.
+  Measured on this machine: none 0.77 against 0.71, selective 0.64 against 0.53."""
+  tp = per_layer_temp_bytes('megatron', remat)
+  sp = per_layer_temp_bytes('megatron_sp', remat)
+  predicted = korthikanti_ratio(remat)
+  print(f'\n{remat}: per layer megatron {tp / 2**20:.2f} MiB, megatron_sp {sp / 2**20:.2f} MiB, '
+        f'ratio {sp / tp:.3f}, Korthikanti {predicted:.3f}')
+  assert abs(sp / tp / predicted - 1) < 0.25
+  if remat == 'selective':
+    wrong = per_layer_temp_bytes('megatron_sp', remat, rules=(('act_length', None),))
+    assert abs(wrong / tp / predicted - 1) > 0.25, wrong / tp
