@@ -31,7 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
                  # Pipeline (mesh.stage = P > 1): M micro-batches (0: M = P), R circular repeats
                  # (1: GPipe); the bubble is (P - 1) / (R M + P - 1). docs/pipeline.md.
                  pipeline_microbatches=0, pipeline_repeats=1),
-      mesh=dict(data=-1, stage=1, fsdp=1, model=1),
+      mesh=dict(data=-1, stage=1, fsdp=1, context=1, model=1),
       sharding=dict(preset='megatron_fsdp', rules=()),
       data=dict(corpus='stdlib',  # built-in corpus, used while paths is empty
                 paths=(),          # preprocessed dataset prefixes (`python -m shardlm.data.preprocess`)

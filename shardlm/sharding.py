@@ -117,7 +117,10 @@ def rules_from_config(cfg) -> tuple:
         raise ConfigError(f"sharding.rules maps '{name}' to unknown mesh axis '{a}'; "
                           f"valid: {', '.join(names)} or None")
     rules.append((name, to if isinstance(to, str) or to is None else tuple(to)))
-  rules = tuple(rules) + tuple(PRESETS[preset])
+  preset_rules = tuple(PRESETS[preset])
+  if 'context' in names:
+    rules += context_rules(preset_rules)
+  rules = tuple(rules) + preset_rules
   if 'stage' in names:
     rules += tuple(PIPELINE)
   used = {a for _, to in rules for a in axes_of(to)}
@@ -131,6 +134,16 @@ def rules_from_config(cfg) -> tuple:
                            "; add a rule to sharding.rules, e.g. (('batch', ('"
                            f"{name}', 'data', 'fsdp')),)"))
   return rules
+
+
+def context_rules(preset_rules) -> list:
+  """Context parallelism, orthogonal to the preset: every activation's T split over `context`
+  (with the preset's own split of the residual stream, if any, inside it), and the parameters
+  split over it as FSDP splits them, so that the extra devices do not hold extra copies (as
+  MaxText does). While mesh.context is 1 these split nothing."""
+  return [('length', 'context'),
+          ('act_length', ('context', *mapped_to(preset_rules, 'act_length'))),
+          ('embed', (*mapped_to(preset_rules, 'embed'), 'context'))]
 
 
 def check_divisible(abstract_tree, shardings, what: str) -> None:

@@ -116,7 +116,8 @@ def test_an_extra_mesh_axis_through_the_config_alone(tmp_path):
   cfg = config.load(_axis_config(tmp_path, "  c.mesh.replica = 2\n"
                                  "  c.sharding.rules = (('batch', ('replica', 'data', 'fsdp')),)\n"))
   t, _, extra = run_steps(cfg, jax.devices(), steps=3)
-  assert dict(t.rt.mesh.shape) == {'replica': 2, 'data': 4, 'stage': 1, 'fsdp': 1, 'model': 1}
+  assert dict(t.rt.mesh.shape) == {'replica': 2, 'data': 4, 'stage': 1, 'fsdp': 1, 'context': 1,
+                                     'model': 1}
   assert t.batch_sharding.spec[0] == ('replica', 'data', 'fsdp')
   _, _, plain = run_steps(config.load('tiny'), jax.devices(), steps=3)
   assert len(set(extra['loss'])) == 3  # the parameters move: later steps compare updated models

@@ -125,7 +125,8 @@ def test_unknown_key_suggests_the_closest(tiny):
 ])
 def test_mesh_shape_fills_minus_one(tiny, data, fsdp, model, shape):
   got = sharding.mesh_shape(tiny(mesh__data=data, mesh__fsdp=fsdp, mesh__model=model), 8)
-  assert tuple(got) == ('data', 'stage', 'fsdp', 'model') and got['stage'] == 1
+  assert tuple(got) == ('data', 'stage', 'fsdp', 'context', 'model')
+  assert got['stage'] == got['context'] == 1
   assert (got['data'], got['fsdp'], got['model']) == shape
 
 

@@ -139,7 +139,7 @@ def test_slurm_environment_trains_as_one_process(two_process_run, reference):
   assert 'process 0 of 2 (SLURM job 1' in first
   # Two SLURM tasks of one node share its host: the mesh is not split across hosts.
   assert '4 local / 8 global cpu devices on 1 host(s)' in first
-  assert mesh.startswith('mesh data=2 x stage=1 x fsdp=2 x model=2; rules')
+  assert mesh.startswith('mesh data=2 x stage=1 x fsdp=2 x context=1 x model=2; rules')
   assert log(two_process_run / 'logs', 1, 'out').count('validation loss') == 0  # process 0 logs
 
 
@@ -285,8 +285,8 @@ for data, fsdp, model in ((2, 2, 2), (2, 1, 4), (1, 2, 4), (4, 1, 2)):
   groups = mesh.devices.reshape(-1, mesh.shape['model'])  # model is the last axis
   out[f'{data},{fsdp},{model}'] = [sorted({d.process_index for d in g}) for g in groups]
   if data % 2 == 0:  # the layout JAX's own hybrid mesh gives (a process per host)
-    hybrid = mesh_utils.create_hybrid_device_mesh((data // 2, 1, fsdp, model), (2, 1, 1, 1),
-                                                  process_is_granule=True)  # stage=1
+    hybrid = mesh_utils.create_hybrid_device_mesh((data // 2, 1, fsdp, 1, model), (2, 1, 1, 1, 1),
+                                                  process_is_granule=True)  # stage, context = 1
     out[f'{data},{fsdp},{model} as jax'] = bool((mesh.devices == hybrid).all())
 cfg.mesh.update(data=1, fsdp=1, model=8)
 try:

@@ -53,7 +53,7 @@ def test_parameter_count(name):
 def test_8b_compiles_for_8_way_tensor_parallel():
   B = 8  # a small global batch keeps the compile short; parameter memory does not depend on it
   s = setup_for('gpt_8b', **{'data.batch_size': B})
-  assert dict(s.rt.mesh.shape) == {'data': 1, 'stage': 1, 'fsdp': 1, 'model': 8}
+  assert dict(s.rt.mesh.shape) == {'data': 1, 'stage': 1, 'fsdp': 1, 'context': 1, 'model': 8}
   T = s.rt.cfg.model.seq_len
   abstract = jax.eval_shape(s.init)
   compiled = s.step.lower(abstract, jax.ShapeDtypeStruct((B, T + 1), jnp.int32)).compile()

@@ -392,7 +392,7 @@ def test_gpt_8b_compiles_for_64_devices_at_stage_8_model_8():
   B = 8
   r = compile_ahead('gpt_8b', 64, {'mesh.stage': 8, 'mesh.model': 8, 'mesh.data': 1,
                                    'data.batch_size': B})
-  assert r['mesh'] == {'data': 1, 'stage': 8, 'fsdp': 1, 'model': 8}
+  assert r['mesh'] == {'data': 1, 'stage': 8, 'fsdp': 1, 'context': 1, 'model': 8}
   assert r['seconds'] < 300
   # float32 parameters and Adam's two moments: 150M parameters per device, 1/64 of the layers.
   state_bytes = 12 * per_device_params(72, 3072, 51200, 1024, stage=8, model=8)
@@ -405,7 +405,7 @@ def test_gpt_1t_compiles_for_512_devices_at_stage_64_model_8():
   B = 64
   r = compile_ahead('gpt_1t', 512, {'mesh.data': 1, 'data.batch_size': B,
                                     'model.pipeline_microbatches': 64})
-  assert r['mesh'] == {'data': 1, 'stage': 64, 'fsdp': 1, 'model': 8}
+  assert r['mesh'] == {'data': 1, 'stage': 64, 'fsdp': 1, 'context': 1, 'model': 8}
   state_bytes = 12 * per_device_params(128, 25600, 51200, 2048, stage=64, model=8)
   assert 26.1e9 < state_bytes < 26.3e9  # 2.18B parameters per device
   assert abs(r['argument_bytes'] - (state_bytes + B * 2049 * 4)) < 1024

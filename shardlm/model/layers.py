@@ -7,6 +7,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from shardlm.model.attention import attend
+from shardlm.model import axes
 from shardlm.model.axes import constrain
 
 RESIDUAL = ('batch', 'act_length', 'act_embed')  # the residual stream: T split under sequence parallelism
@@ -26,7 +27,10 @@ def project(x, kernel, n_in=1):
   lead = x.shape[:x.ndim - n_in]
   if x.shape[x.ndim - n_in:] != k_in:
     raise ValueError(f'project: input dims {x.shape[x.ndim - n_in:]} != kernel input dims {k_in}')
-  y = x.reshape(-1, math.prod(k_in)) @ kernel.reshape(math.prod(k_in), math.prod(k_out))
+  w = kernel.reshape(math.prod(k_in), math.prod(k_out))
+  if axes.ways('length') > 1:  # T split (context parallel): B x T rows cannot merge in place
+    return (x.reshape(*lead, math.prod(k_in)) @ w).reshape(*lead, *k_out)
+  y = x.reshape(-1, math.prod(k_in)) @ w
   return y.reshape(*lead, *k_out)
 
 
@@ -125,6 +129,8 @@ class SelfAttention(nnx.Module):
     qkv = project(x_btd, kernel) + self.qkv['bias'][...].astype(self.dtype).transpose(1, 0, 2)
     qkv = constrain(checkpoint_name(qkv, 'qkv'), ('batch', 'length', 'act_heads', None, None))
     q_btnh, k_btnh, v_btnh = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # of [B, T, N, 3, H]
+    if cache is None:  # context parallel: queries stay split on T, keys and values are gathered
+      k_btnh, v_btnh = (constrain(x, ('batch', None, 'act_heads', None)) for x in (k_btnh, v_btnh))
     if cache is not None:
       o_btnh, cache = self._attend_cached(q_btnh, k_btnh, v_btnh, local, cache, decode)
     else:
