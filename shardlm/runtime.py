@@ -123,6 +123,10 @@ def check_model(cfg, shape: dict, rules) -> None:
     raise ConfigError(f'model.num_heads={m.num_heads} is not divisible by {text("heads")}; the '
                       f"heads' split ({' x '.join(sharding.mapped_to(rules, 'heads'))}) must be one "
                       f'of {divisors}')
+  for name in ('length', 'act_length'):  # context and sequence parallelism split T
+    if m.seq_len % sharding.split_ways(shape, rules, name):
+      raise ConfigError(f'model.seq_len={m.seq_len} is not divisible by {text(name)}, which '
+                        f"split the sequence ('{name}')")
   mlp = m.mlp_dim or 4 * m.hidden
   if mlp % sharding.split_ways(shape, rules, 'mlp'):
     raise ConfigError(f'model.mlp_dim={mlp} is not divisible by {text("mlp")}')

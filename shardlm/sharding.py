@@ -118,8 +118,8 @@ def rules_from_config(cfg) -> tuple:
                           f"valid: {', '.join(names)} or None")
     rules.append((name, to if isinstance(to, str) or to is None else tuple(to)))
   preset_rules = tuple(PRESETS[preset])
-  if 'context' in names:
-    rules += context_rules(preset_rules)
+  if 'context' in names:  # composed with the user's rules and the preset's, and ahead of both
+    rules = context_rules(tuple(rules) + preset_rules) + rules
   rules = tuple(rules) + preset_rules
   if 'stage' in names:
     rules += tuple(PIPELINE)
@@ -136,14 +136,15 @@ def rules_from_config(cfg) -> tuple:
   return rules
 
 
-def context_rules(preset_rules) -> list:
+def context_rules(rules) -> list:
   """Context parallelism, orthogonal to the preset: every activation's T split over `context`
-  (with the preset's own split of the residual stream, if any, inside it), and the parameters
-  split over it as FSDP splits them, so that the extra devices do not hold extra copies (as
-  MaxText does). While mesh.context is 1 these split nothing."""
-  return [('length', 'context'),
-          ('act_length', ('context', *mapped_to(preset_rules, 'act_length'))),
-          ('embed', (*mapped_to(preset_rules, 'embed'), 'context'))]
+  (with any other split of the residual stream that `rules` make, e.g. megatron_sp's, inside it),
+  and the parameters split over it as FSDP splits them, so that the extra devices do not hold
+  extra copies (as MaxText does). These go ahead of every other rule: a user rule cannot leave
+  T whole on a context mesh. While mesh.context is 1 they split nothing."""
+  other = lambda name: tuple(a for a in mapped_to(rules, name) if a != 'context')
+  return [('length', 'context'), ('act_length', ('context', *other('act_length'))),
+          ('embed', (*other('embed'), 'context'))]
 
 
 def check_divisible(abstract_tree, shardings, what: str) -> None:
@@ -281,6 +282,7 @@ def describe(mesh, rules, host_of=None) -> str:
   spans = {n: h for n, h in hosts_spanned(mesh, host_of).items() if h > 1}
   across = (f" ({', '.join(f'{n} across {h} hosts' for n, h in spans.items())})" if spans else '')
   sizes = dict(mesh.shape)
-  used = ', '.join(f'{n}->{a}' for n, a in rules
+  first = [(n, a) for i, (n, a) in enumerate(rules) if n not in {m for m, _ in rules[:i]}]
+  used = ', '.join(f'{n}->{a}' for n, a in first  # a later rule for a name is never used
                    if a is not None and math.prod(sizes[x] for x in axes_of(a)) > 1)
   return f'mesh {_text(sizes)}{across}; ' + (f'rules {used}' if used else 'no rule splits anything')

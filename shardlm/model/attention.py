@@ -5,6 +5,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from shardlm.model import axes
+
 log = logging.getLogger(__name__)
 KINDS = ('dense', 'local')
 
@@ -31,8 +33,11 @@ def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0, mask=
 
 
 def _dense(q_btnh, k_btnh, v_btnh, causal, mask):
-  """cuDNN flash attention on NVIDIA GPUs when it accepts the shapes and dtype, else XLA's."""
-  if jax.default_backend() == 'gpu':
+  """cuDNN flash attention on NVIDIA GPUs when it accepts the shapes and dtype, else XLA's.
+
+  Not under context parallelism: cuDNN's partitioning refuses queries split on T (checked when
+  the step compiles, not while tracing), so a T split over devices takes XLA's attention."""
+  if jax.default_backend() == 'gpu' and axes.ways('length') == 1:
     try:
       return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask, is_causal=causal,
                                           implementation='cudnn')

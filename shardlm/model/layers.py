@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from shardlm.model.attention import attend
 from shardlm.model import axes
+from shardlm.model.attention import attend
 from shardlm.model.axes import constrain
 
 RESIDUAL = ('batch', 'act_length', 'act_embed')  # the residual stream: T split under sequence parallelism
@@ -20,8 +20,9 @@ def project(x, kernel, n_in=1):
   span several dimensions (B and T) a transposed copy of the activations first; flattened to
   rows it does not (one MLP's forward+backward: 23.7 -> 10.5 ms on a 2-core CPU).
   The merged rows keep the batch sharding as long as 'length' is not split over a mesh axis
-  (no preset splits it; megatron_sp splits the residual stream's 'act_length', whose shards are
-  gathered before a column-parallel projection anyway, as sequence parallelism does).
+  (megatron_sp splits only the residual stream's 'act_length', whose shards are gathered before
+  a column-parallel projection anyway); under context parallelism T is split, and B and T stay
+  apart.
   """
   k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]

@@ -27,8 +27,8 @@ from shardlm.model import axes
 # own pipeline on its own copy of the stage's layers, so that the layers' gradients are summed over
 # the groups once per step, after the loop, not in every iteration (XLA reduces a loop-invariant
 # weight's gradient inside the loop). Under FSDP the copy is gathered once per step likewise.
-BUFFER = ('act_stage', 'batch', None, 'length', 'act_embed')   # [P, G, c, T, D], c = b / G
-IO = ('act_stage', None, 'batch', None, 'length', 'act_embed')  # [P, M, G, c, T, D]
+BUFFER = ('act_stage', 'batch', None, 'act_length', 'act_embed')   # [P, G, c, T, D], c = b / G
+IO = ('act_stage', None, 'batch', None, 'act_length', 'act_embed')  # [P, M, G, c, T, D]
 STALE = 0.0  # what bubble slots hold before anything arrives; tests set NaN: it must never matter
 
 
