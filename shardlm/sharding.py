@@ -117,10 +117,9 @@ def rules_from_config(cfg) -> tuple:
         raise ConfigError(f"sharding.rules maps '{name}' to unknown mesh axis '{a}'; "
                           f"valid: {', '.join(names)} or None")
     rules.append((name, to if isinstance(to, str) or to is None else tuple(to)))
-  preset_rules = tuple(PRESETS[preset])
-  if 'context' in names:  # composed with the user's rules and the preset's, and ahead of both
-    rules = context_rules(tuple(rules) + preset_rules) + rules
-  rules = tuple(rules) + preset_rules
+  rules = tuple(rules) + tuple(PRESETS[preset])
+  if 'context' in names:
+    rules = with_context(rules)
   if 'stage' in names:
     rules += tuple(PIPELINE)
   used = {a for _, to in rules for a in axes_of(to)}
@@ -136,15 +135,23 @@ def rules_from_config(cfg) -> tuple:
   return rules
 
 
-def context_rules(rules) -> list:
+def with_context(rules) -> tuple:
   """Context parallelism, orthogonal to the preset: every activation's T split over `context`
-  (with any other split of the residual stream that `rules` make, e.g. megatron_sp's, inside it),
-  and the parameters split over it as FSDP splits them, so that the extra devices do not hold
-  extra copies (as MaxText does). These go ahead of every other rule: a user rule cannot leave
-  T whole on a context mesh. While mesh.context is 1 they split nothing."""
-  other = lambda name: tuple(a for a in mapped_to(rules, name) if a != 'context')
-  return [('length', 'context'), ('act_length', ('context', *other('act_length'))),
-          ('embed', (*other('embed'), 'context'))]
+  (inside any other split of the residual stream, e.g. megatron_sp's), and the parameters split
+  over it as FSDP splits them, so that the extra devices do not hold extra copies (as MaxText
+  does). Each is composed into the first rule for its name, where that rule stands (the order
+  decides which name claims a mesh axis first, e.g. batch before embed), or added when there
+  is none: a user rule cannot leave T whole on a context mesh. At mesh.context=1 nothing
+  changes."""
+  out = list(rules)
+  for name, first in (('length', True), ('act_length', True), ('embed', False)):
+    i = next((i for i, (n, _) in enumerate(out) if n == name), None)
+    if i is None:  # T names go first (nothing else claims `context`), embed after the batch
+      out.insert(0, (name, 'context')) if first else out.append((name, 'context'))
+      continue
+    other = tuple(a for a in axes_of(out[i][1]) if a != 'context')
+    out[i] = (name, ('context', *other) if first else (*other, 'context'))
+  return tuple(out)
 
 
 def check_divisible(abstract_tree, shardings, what: str) -> None:

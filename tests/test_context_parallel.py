@@ -87,8 +87,8 @@ def test_context_parallel_gathers_keys_and_values_only():
 
 def test_context_check_catches_an_unsplit_sequence(monkeypatch):
   # The wrong layout: a context axis that no rule splits anything over (user rules cannot
-  # express it: the context rules go ahead of them).
-  monkeypatch.setattr(sharding, 'context_rules', lambda rules: [])
+  # express it: the context splits are composed into them).
+  monkeypatch.setattr(sharding, 'with_context', lambda rules: rules)
   problems = context_violations()
   assert any('all-gathers' in p for p in problems) and any('not split' in p for p in problems), \
       problems
