@@ -87,7 +87,9 @@ def run(block, remat, params, names, x_btd, mask, *, stages: int, repeats: int,
   else:
     layer = remat(lambda x, w_r, r, is_local, mask: block(
         x, jax.tree.map(lambda a: a[r], w_r), is_local, mask))
-  w = jax.tree.map(copies, params, names, is_leaf=lambda x: x is None)
+  leaves, tree = jax.tree.flatten(params)
+  w = tree.unflatten([copies(a, n) for a, n in zip(
+      leaves, jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)), strict=True)])
   masks = None if mask is None else split(mask)
   io = axes.constrain(jnp.broadcast_to(split(x_btd)[None], (P, M, G, c, T, D)), IO)
   buf = axes.constrain(jnp.full((P, G, c, T, D), STALE, x_btd.dtype), BUFFER)

@@ -156,8 +156,9 @@ class Stack(nnx.Module):
       return jax.checkpoint(f, policy=policy, prevent_cse=False)
 
     if c.stages > 1:
-      names = jax.tree.map(tuple, nnx.get_partition_spec(layer_params),
-                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+      # Each parameter's logical names, as its module declared them (`layers` first).
+      names = jax.tree.map(lambda v: tuple(v.get_metadata()['out_sharding']), layer_params,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
       return pipeline.run(block, remat, layer_params, names, x_btd, mask, stages=c.stages,
                           repeats=c.repeats, microbatches=c.microbatches, scan=c.scan_layers)
     layer = remat(block)
