@@ -7,6 +7,10 @@
   python scripts/bench.py --config tiny --profile               # + where the step's time goes
   python scripts/bench.py --attention --window 256              # local vs dense, T = 2048..16384
   python scripts/bench.py --generate --config.model.seq_len=1024 # decoding tokens/s, cache or not
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python scripts/bench.py --context-attention                # ring vs allgather vs local halo
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python scripts/bench.py --long-context                     # T=65536 step, memory by context
 
 Compile and warm-up are excluded; times are medians. On CPU, MFU is against the best
 matmul rate measured in the same run (XLA float32 before and after the timed steps, and
@@ -26,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardlm import config as config_lib, perf, runtime, train
-from shardlm.model import pipeline
+from shardlm import config as config_lib, perf, runtime, sharding, train
+from shardlm.model import attention, axes, pipeline
 from shardlm.model.attention import local_attention
 
 
@@ -168,6 +172,68 @@ def bench_attention(window, lengths, repeats, dense_max, B=1, N=8, H=64):
   return rows
 
 
+def bench_context_attention(window, lengths, repeats, max_len, B=1, N=2, H=64):
+  """Forward + backward of one causal attention call with T split over every device (a
+  `context` mesh axis): keys and values gathered (`allgather`), passed round the ring in zigzag
+  order (`ring`), and local attention's halo exchange (`local`). `max_len`: the longest T each
+  of allgather and ring runs at (allgather keeps [T/C, T] float32 scores per device)."""
+  C = jax.device_count()
+  mesh = jax.make_mesh((C,), ('context',))
+  layout = sharding.Layout(mesh, (('length', 'context'),))
+  split = jax.NamedSharding(mesh, jax.P(None, 'context'))
+  kernels = {'allgather': dict(kind='dense'), 'ring': dict(kind='dense', context='ring', zigzag=True),
+             'local': dict(kind='local', window=window)}
+  rows = []
+  for T in lengths:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.device_put(jax.random.normal(key, (B, T, N, H)), split) for key in keys)
+    row, line = {'T': T}, f'T={T:>6} on {C} devices:'
+    for name, kw in kernels.items():
+      if name in max_len and T > max_len[name]:
+        continue
+
+      def loss(q, k, v, kw=kw):
+        with axes.use(layout):
+          return jnp.sum(attention.attend(q, k, v, causal=True, **kw))
+      step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      row[f'{name}_s'] = median_time(lambda: jax.block_until_ready(step(q, k, v)), repeats)
+      line += f'  {name} {row[f"{name}_s"] * 1e3:9.1f} ms'
+    for a, b in (('allgather', 'ring'), ('ring', 'local'), ('allgather', 'local')):
+      if f'{a}_s' in row and f'{b}_s' in row:
+        row[f'{a}/{b}'] = row[f'{a}_s'] / row[f'{b}_s']
+        line += f'  {a}/{b} {row[f"{a}/{b}"]:5.2f}x'
+    rows.append(row)
+    print(line, flush=True)
+  return rows
+
+
+def long_context(T, window, contexts):
+  """A tiny GPT with local attention at sequence length T: each context size's compiled temporary
+  memory per device (XLA's memory_analysis), and one timed step at the largest."""
+  rows = []
+  for c in contexts:
+    cfg = config_lib.load('tiny')
+    for key, value in {'model.seq_len': T, 'model.attention': 'local', 'model.window': window,
+                       'data.batch_size': 1, 'mesh.data': 1, 'mesh.context': c}.items():
+      config_lib.override(cfg, key, str(value))
+    s = train.setup(cfg, jax.devices()[:c])
+    tokens = jax.ShapeDtypeStruct((1, T + 1), jnp.int32)
+    compiled = s.step.lower(jax.eval_shape(s.init), tokens).compile()
+    mem = compiled.memory_analysis()
+    rows.append({'context': c, 'temp_bytes': mem.temp_size_in_bytes,
+                 'argument_bytes': mem.argument_size_in_bytes})
+    print(f'T={T} context={c}: temporary {mem.temp_size_in_bytes / 2**20:8.1f} MiB per device, '
+          f'arguments {mem.argument_size_in_bytes / 2**20:6.1f} MiB', flush=True)
+  state = s.init()
+  ids = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, T + 1), dtype=np.int32))
+  t = time.perf_counter()
+  state, metrics = s.step(state, ids)
+  loss = float(metrics['loss'])
+  rows[-1].update(step_s=time.perf_counter() - t, loss=loss)
+  print(f'one step at context={contexts[-1]}: {rows[-1]["step_s"]:.1f} s with compile, loss {loss:.3f}')
+  return rows
+
+
 def bench_generate(cfg, new_tokens, prompt_len, batches):
   """Decoding tokens/s of the Generator with its KV cache and by recomputing the whole window.
 
@@ -215,6 +281,13 @@ def main():
   parser.add_argument('--window', type=int, default=256)
   parser.add_argument('--lengths', default='2048,4096,8192,16384')
   parser.add_argument('--dense-max', type=int, default=8192, help='longest T to time dense attention at')
+  parser.add_argument('--context-attention', action='store_true',
+                      help='time ring vs allgather vs local-halo attention over all devices')
+  parser.add_argument('--context-lengths', default='8192,16384,32768,65536')
+  parser.add_argument('--allgather-max', type=int, default=16384)
+  parser.add_argument('--ring-max', type=int, default=32768)
+  parser.add_argument('--long-context', action='store_true',
+                      help='memory per device of a T=65536 local-attention step at context 1..8')
   parser.add_argument('--generate', action='store_true', help='time decoding with/without cache')
   parser.add_argument('--new-tokens', type=int, default=512)
   parser.add_argument('--prompt-len', type=int, default=16)
@@ -226,6 +299,19 @@ def main():
   if args.attention:
     results['attention'] = bench_attention(args.window, [int(t) for t in args.lengths.split(',')],
                                            args.repeats, args.dense_max)
+  elif args.context_attention or args.long_context:
+    if jax.device_count() < 2:
+      print('shardlm: error: --context-attention and --long-context split T over several '
+            'devices; on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8',
+            file=sys.stderr)
+      sys.exit(2)
+    if args.context_attention:
+      results['context_attention'] = bench_context_attention(
+          args.window, [int(t) for t in args.context_lengths.split(',')], args.repeats,
+          {'allgather': args.allgather_max, 'ring': args.ring_max})
+    else:
+      sizes = [c for c in (1, 2, 4, 8) if c <= jax.device_count()]
+      results['long_context'] = long_context(65536, args.window, sizes)
   else:
     try:
       cfg = config_lib.parse_args(rest)

@@ -24,6 +24,9 @@ def defaults() -> ml_collections.ConfigDict:
                  remat='none',
                  attention='dense',  # dense | local (sliding window) | alternating (dense, local, ...)
                  window=256,
+                 # Dense attention under context parallelism (mesh.context > 1): gather keys and
+                 # values whole (allgather) or pass their blocks round the devices (ring).
+                 context_attention='allgather',
                  # lax.scan over the layer stack: compile time flat in depth. False unrolls the
                  # layers, which is faster on CPU for small models (no stacked residual buffers).
                  scan_layers=True,

@@ -41,6 +41,7 @@ class Instr:
 class Module:
   instrs: list
   while_bodies: list    # computation names used as `body=` of a while loop, in text order
+  trip_counts: dict = dataclasses.field(default_factory=dict)  # body -> XLA's known trip count
 
   def collectives(self, op=None, computation=None):
     return [i for i in self.instrs
@@ -52,7 +53,7 @@ class Module:
 
 
 def parse(text: str) -> Module:
-  instrs, bodies, comp = [], [], None
+  instrs, bodies, trips, comp = [], [], {}, None
   for line in text.splitlines():
     header = _HEADER.match(line)
     if header:
@@ -69,7 +70,10 @@ def parse(text: str) -> Module:
       body = re.search(r'body=%?([\w.\-]+)', line)
       if body:
         bodies.append(body.group(1))
-  return Module(instrs, bodies)
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        if trip:
+          trips[body.group(1)] = int(trip.group(1))
+  return Module(instrs, bodies, trips)
 
 
 def partitioned_text(lowered) -> str:

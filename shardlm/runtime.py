@@ -17,6 +17,7 @@ from shardlm.model.transformer import TransformerConfig
 
 CHOICES = {'remat': ('none', 'full', 'selective'),
            'attention': ('dense', 'local', 'alternating'),
+           'context_attention': ('allgather', 'ring'),
            'dtype': ('float32', 'bfloat16', 'float16'),
            'param_dtype': ('float32', 'bfloat16')}
 
@@ -137,6 +138,17 @@ def check_model(cfg, shape: dict, rules) -> None:
                       'model.vocab_multiple=128')
   if m.attention != 'dense' and m.window <= 0:
     raise ConfigError(f"model.window={m.window} must be positive for model.attention='{m.attention}'")
+  length = sharding.split_ways(shape, rules, 'length')
+  if length > 1 and m.attention != 'dense' and m.window > m.seq_len // length:
+    raise ConfigError(f'model.window={m.window} is longer than the sequence block per device '
+                      f'(model.seq_len={m.seq_len} / {text("length")} = {m.seq_len // length}): '
+                      'local attention under context parallelism takes its window from the '
+                      'previous block only; use a window of at most that')
+  if (length > 1 and m.attention == 'dense' and m.context_attention == 'ring'
+      and kind.transformer['causal'] and m.seq_len % (2 * length)):
+    raise ConfigError(f"model.seq_len={m.seq_len} is not divisible by 2 x {text('length')}: "
+                      "causal ring attention cuts the sequence into 2 chunks per device (each "
+                      "device takes an early and a late one, for equal work)")
   check_pipeline(m, shape.get('stage', 1))
   kind.check(cfg)
 

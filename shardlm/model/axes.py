@@ -3,8 +3,9 @@ part of shardlm that model code imports.
 
 Model code names axes with these logical names only; the rule table (shardlm.sharding) maps them
 onto mesh axes. A name outside the alphabet is an error when the model is traced, never a silent
-"replicated". Where a kernel needs explicit collectives (the pipeline's shift), it runs them in
-`shard_map` with logical names, and `rotate` resolves the name to the mesh axes behind it.
+"replicated". Where a kernel needs explicit collectives (the pipeline's shift, ring attention, the
+local-attention halo), it runs them in `shard_map` with logical names, and `pass_on`, `rotate`
+and `position` resolve the name to the mesh axes behind it.
 """
 import contextlib
 import contextvars
@@ -92,17 +93,34 @@ def vmap(f, name: str, in_axes=0, out_axes=0):
   return call
 
 
-def rotate(x, name: str, axis: int = 0):
-  """Inside `shard_map`: x's `axis` (logical `name`) rolled forward by one position over the
-  whole array, so that index i moves to i + 1 and the last to 0. Each device's block passes its
-  last entry to the next device along the mesh axes of `name` (one collective-permute)."""
+def position(name: str):
+  """Inside `shard_map`: the index of this device's block along logical `name` (0 when unsplit)."""
+  check_names((name,))
+  layout = _active.get()
+  mesh_axes, n = layout.mesh_axes(name) if layout is not None else ((), 1)
+  return jnp.int32(0) if n == 1 else jax.lax.axis_index(mesh_axes)
+
+
+def pass_on(x, name: str, wrap: bool = True):
+  """Inside `shard_map`: every device's block of x (a pytree) sent whole to the next device along
+  the mesh axes of logical `name`, in one collective-permute per leaf; device i gets i - 1's.
+  `wrap`: the last block goes to the first device (a ring); otherwise the first gets zeros."""
   check_names((name,))
   layout = _active.get()
   mesh_axes, n = layout.mesh_axes(name) if layout is not None else ((), 1)
   if n == 1:
+    return x if wrap else jax.tree.map(jnp.zeros_like, x)
+  pairs = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if wrap else [])
+  return jax.lax.ppermute(x, mesh_axes, perm=pairs)
+
+
+def rotate(x, name: str, axis: int = 0):
+  """Inside `shard_map`: x's `axis` (logical `name`) rolled forward by one position over the
+  whole array, so that index i moves to i + 1 and the last to 0. Each device's block passes its
+  last entry to the next device along the mesh axes of `name` (one collective-permute)."""
+  if ways(name) == 1:
     return jnp.roll(x, 1, axis)
-  last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
-  incoming = jax.lax.ppermute(last, mesh_axes, perm=[(i, (i + 1) % n) for i in range(n)])
+  incoming = pass_on(jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis), name)
   if x.shape[axis] == 1:
     return incoming
   rest = jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)

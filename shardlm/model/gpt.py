@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from shardlm.model import attention
 from shardlm.model.layers import RESIDUAL, Embed, LayerNorm
 from shardlm.model.transformer import Stack, TransformerConfig
 from shardlm.model.axes import constrain
@@ -28,15 +29,23 @@ class GPT(nnx.Module):
     """Training and scoring: `model(ids)`. Decoding: `model(ids, cache, decode)` with a key/value
     cache from `init_cache` and decode = {'pos': first cache position of `ids`, 'start': [B]
     position where each row's text begins}; returns (logits, updated cache)."""
+    c = self.config
     T = ids_bt.shape[1]
+    # Causal ring attention balances its work when the sequence runs in zigzag order: the
+    # tokens and positions go in reordered, the hidden states come out in order.
+    zigzag = cache is None and attention.uses_zigzag(c.attention, c.causal, c.context_attention)
     if cache is None:
       pos_emb = self.wpe[...][:T][None]
+      if zigzag:
+        ids_bt, pos_emb = attention.to_zigzag(ids_bt), attention.to_zigzag(pos_emb)
     else:  # positions count from each row's start, so left padding does not shift them
       pos_bt = jnp.maximum(decode['pos'] + jnp.arange(T)[None] - decode['start'][:, None], 0)
       pos_emb = jnp.take(self.wpe[...], pos_bt, axis=0)
-    x_btd = constrain(self.wte(ids_bt) + pos_emb.astype(self.config.dtype), RESIDUAL)
+    x_btd = constrain(self.wte(ids_bt) + pos_emb.astype(c.dtype), RESIDUAL)
     out = self.h(x_btd, cache=cache, decode=decode)
     x_btd, cache = out if cache is not None else (out, None)
+    if zigzag:
+      x_btd = constrain(attention.from_zigzag(x_btd), RESIDUAL)
     logits_btv = self.wte.attend(self.ln_f(x_btd)).astype(jnp.float32)
     return logits_btv if cache is None else (logits_btv, cache)
 

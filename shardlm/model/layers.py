@@ -7,7 +7,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from shardlm.model import axes
-from shardlm.model.attention import attend
+from shardlm.model import attention
 from shardlm.model.axes import constrain
 
 RESIDUAL = ('batch', 'act_length', 'act_embed')  # the residual stream: T split under sequence parallelism
@@ -104,7 +104,7 @@ class SelfAttention(nnx.Module):
   """Fused Q/K/V [D, 3, N, H] and output [N, H, D] projections, split over heads."""
 
   def __init__(self, hidden, num_heads, *, std, out_std, causal, kind, window, dtype, param_dtype,
-               rngs):
+               rngs, context='allgather'):
     head_dim = hidden // num_heads
     # [D, 3, N, H] is GPT-2's c_attn [D, 3D] reshaped, so weights map one to one.
     self.qkv = nnx.Dict(
@@ -116,6 +116,7 @@ class SelfAttention(nnx.Module):
                       param_dtype),
         bias=_zeros((hidden,), ('embed',), param_dtype))
     self.causal, self.kind, self.window, self.dtype = causal, kind, window, dtype
+    self.context = context  # dense attention under context parallelism: allgather | ring
 
   def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
     """`local` (a traced bool) picks the kernel per layer when kind is 'alternating';
@@ -130,13 +131,13 @@ class SelfAttention(nnx.Module):
     qkv = project(x_btd, kernel) + self.qkv['bias'][...].astype(self.dtype).transpose(1, 0, 2)
     qkv = constrain(checkpoint_name(qkv, 'qkv'), ('batch', 'length', 'act_heads', None, None))
     q_btnh, k_btnh, v_btnh = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # of [B, T, N, 3, H]
-    if cache is None:  # context parallel: queries stay split on T, keys and values are gathered
-      k_btnh, v_btnh = (constrain(x, ('batch', None, 'act_heads', None)) for x in (k_btnh, v_btnh))
     if cache is not None:
       o_btnh, cache = self._attend_cached(q_btnh, k_btnh, v_btnh, local, cache, decode)
     else:
-      core = lambda kind: lambda q, k, v: attend(q, k, v, kind=kind, causal=self.causal,
-                                                 window=self.window, mask=mask)
+      zigzag = attention.uses_zigzag(self.kind, self.causal, self.context)
+      core = lambda kind: lambda q, k, v: attention.attend(
+          q, k, v, kind=kind, causal=self.causal, window=self.window, mask=mask,
+          context=self.context, zigzag=zigzag)
       if self.kind == 'alternating':
         o_btnh = jax.lax.cond(local, core('local'), core('dense'), q_btnh, k_btnh, v_btnh)
       else:
@@ -166,6 +167,6 @@ class SelfAttention(nnx.Module):
     if self.kind != 'dense':
       in_window = k_pos > q_pos - self.window
       mask_bts &= in_window if self.kind == 'local' else (in_window | ~local)
-    o_btnh = attend(q_btnh, k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype),
+    o_btnh = attention.attend(q_btnh, k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype),
                     causal=False, mask=mask_bts[:, None])
     return o_btnh, cache

@@ -35,6 +35,7 @@ class TransformerConfig:
   remat: str = 'none'
   attention: str = 'dense'  # dense | local | alternating (even layers dense, odd local)
   window: int = 256
+  context_attention: str = 'allgather'  # dense attention with T split: allgather | ring
   scan_layers: bool = True
   causal: bool = True
   post_ln: bool = False     # LayerNorm after each residual add (original BERT) instead of before
@@ -60,7 +61,8 @@ class TransformerConfig:
     return cls(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim or 4 * m.hidden, seq_len=m.seq_len, vocab_size=m.vocab_size,
                padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
-               attention=m.attention, window=m.window, scan_layers=m.scan_layers,
+               attention=m.attention, window=m.window,
+               context_attention=m.context_attention, scan_layers=m.scan_layers,
                post_ln=m.post_ln, dtype=m.dtype, param_dtype=m.param_dtype, **fixed)
 
 
@@ -74,7 +76,7 @@ class Block(nnx.Module):
     self.ln_1 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.attn = SelfAttention(c.hidden, c.num_heads, std=c.init_std, out_std=out_std,
                               causal=c.causal, kind=c.attention, window=c.window, dtype=dtype,
-                              param_dtype=pdtype, rngs=rngs)
+                              param_dtype=pdtype, rngs=rngs, context=c.context_attention)
     self.ln_2 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.mlp = MLP(c.hidden, c.mlp_dim, std=c.init_std, out_std=out_std,
                    gelu_approximate=c.gelu_approximate, dtype=dtype, param_dtype=pdtype, rngs=rngs)
