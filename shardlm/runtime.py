@@ -171,6 +171,16 @@ def pipeline_line(mc: TransformerConfig, rows: int) -> str:
           f'{100 * pipeline.bubble(P, R, M):.1f}%')
 
 
+def context_line(mc: TransformerConfig, blocks: int) -> str:
+  """One line for the log under context parallelism: T's blocks and how attention crosses them."""
+  how = {'dense': mc.context_attention, 'local': f'halo of W={mc.window}',
+         'alternating': f'{mc.context_attention} (dense layers), halo of W={mc.window} (local)'}
+  order = ('; zigzag order (each device an early and a late chunk)'
+           if mc.attention == 'dense' and mc.causal and mc.context_attention == 'ring' else '')
+  return (f'context: T={mc.seq_len} in {blocks} blocks of {mc.seq_len // blocks}; attention '
+          f'{how[mc.attention]}{order}')
+
+
 def check_pipeline(m, stages: int) -> None:
   """The pipeline's repeats and micro-batches against the layers and mesh.stage."""
   R, M = m.pipeline_repeats, m.pipeline_microbatches

@@ -93,6 +93,9 @@ def check_config(cfg, rt: runtime.Runtime) -> None:
   if m.attention != 'dense' and m.window >= m.seq_len:
     errors.warn(f'model.window={m.window} >= model.seq_len={m.seq_len}: local attention then sees '
                 "every earlier position, as model.attention='dense' does, only slower")
+  if m.attention == 'local' and m.context_attention == 'ring':
+    errors.warn("model.context_attention='ring' has no effect with model.attention='local': local "
+                'attention under context parallelism sends a halo of model.window positions')
 
 
 def setup(cfg, devices=None) -> Trainer:
@@ -272,6 +275,9 @@ def train(cfg) -> dict:
   log.print(sharding.describe(rt.mesh, rt.rules, distributed.host_of))
   if m.stages > 1:
     log.print(runtime.pipeline_line(m, B // cfg.optimizer.grad_accum_steps))
+  blocks = sharding.split_ways(dict(rt.mesh.shape), rt.rules, 'length')
+  if blocks > 1:
+    log.print(runtime.context_line(m, blocks))
   log.print(f'data: {data.summary}; global batch {B} x {T}')
 
   # State, then the step compiled ahead of time. The run directory is written only after the

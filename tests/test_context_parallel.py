@@ -1,15 +1,18 @@
 """Context parallelism (a `context` mesh axis, every activation split on T): the same losses and
-gradients as one device, keys and values gathered from their T shards, weights split like FSDP."""
+gradients as one device with keys and values gathered, passed round a ring, or (local attention)
+a halo from the previous device; what each compiled kernel moves; weights split like FSDP; a
+65,536-token step and its memory per device."""
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_steps
-from test_pipeline import assert_same, devices_for, loss_and_grads, make
+from conftest import params_checkpoint, run_steps
+from test_pipeline import assert_same, batch_for, devices_for, loss_and_grads, make
 
-from shardlm import config, hlo, sharding, train
+from shardlm import config, generate, hlo, inference, sharding, train
 from shardlm.model import attention, axes
 
 # The context-parallel attention kernels: keys and values gathered, passed round a ring, or (local
@@ -23,9 +26,69 @@ ATTENTION = {'allgather': {}, 'ring': {'model.context_attention': 'ring'},
 @pytest.mark.parametrize('kind, kernel', [('gpt', 'allgather'), ('gpt', 'ring'), ('gpt', 'local'),
                                           ('bert', 'allgather'), ('bert', 'ring')])
 def test_context_parallel_equals_one_device(kind, kernel, context):
-  extra = ATTENTION[kernel]
-  assert_same(loss_and_grads(make(kind, **{'mesh.context': context, **extra})),
-              loss_and_grads(make(kind, **extra)))
+  assert_same(loss_and_grads(make(kind, **{'mesh.context': context, **ATTENTION[kernel]})),
+              one_device(kind, kernel))
+
+
+@functools.cache
+def one_device(kind, kernel):  # computed once for the three context sizes
+  return loss_and_grads(make(kind, **ATTENTION[kernel]))
+
+
+@pytest.mark.parametrize('context', [2, 4, 8])
+def test_ring_and_halo_kernels_equal_unsplit_attention(context):
+  B, T, N, H = 2, 64, 4, 8
+  q, k, v, w = (jax.random.normal(key, (B, T, N, H)) for key in jax.random.split(jax.random.key(0), 4))
+  pad = (jnp.arange(T)[None] < jnp.array([[T], [T - 13]]))[:, None, None, :]  # BERT's key mask
+  layout = sharding.Layout(sharding.make_mesh({'context': context}, jax.devices()[:context]),
+                           (('length', 'context'),))
+  cases = {'causal ring': dict(context='ring'), 'zigzag ring': dict(context='ring', zigzag=True),
+           'bidirectional ring': dict(context='ring', causal=False, mask=pad),
+           'local halo': dict(kind='local', window=5)}
+  for name, kw in cases.items():
+    got, want = (outputs_and_grads(f, q, k, v, w) for f in (split(layout, kw), whole(kw)))
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+
+
+def split(layout, kw):
+  def f(q, k, v):
+    with axes.use(layout):
+      zigzag = kw.get('zigzag', False)
+      q, k, v = (attention.to_zigzag(x) if zigzag else x for x in (q, k, v))
+      o = attention.attend(q, k, v, **kw)
+      return attention.from_zigzag(o) if zigzag else o
+  return f
+
+
+def whole(kw):
+  return lambda q, k, v: attention.attend(q, k, v, **{**kw, 'context': 'allgather', 'zigzag': False})
+
+
+def outputs_and_grads(f, q, k, v, w):
+  """f's output, and the gradients of its weighted sum (float32)."""
+  loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)
+  return (jax.jit(f)(q, k, v), *jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v))
+
+
+def test_ring_in_bfloat16_and_with_a_row_of_padding_only():
+  B, T, N, H, C = 2, 32, 2, 8, 4
+  q, k, v, w = (jax.random.normal(key, (B, T, N, H)) for key in jax.random.split(jax.random.key(1), 4))
+  layout = sharding.Layout(sharding.make_mesh({'context': C}, jax.devices()[:C]), (('length', 'context'),))
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  got = outputs_and_grads(split(layout, dict(context='ring', zigzag=True)), *bf16, w)
+  want = outputs_and_grads(whole({}), q, k, v, w)
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(a.astype(jnp.float32), b, atol=0.05, rtol=0.05)
+  # Row 1 sees no key at all: finite outputs (0) and gradients, row 0 unchanged.
+  pad = jnp.array([[True] * T, [False] * T])[:, None, None, :]
+  got = outputs_and_grads(split(layout, dict(context='ring', causal=False, mask=pad)), q, k, v, w)
+  want = outputs_and_grads(whole(dict(causal=False, mask=pad)), q, k, v, w)
+  assert all(bool(jnp.isfinite(a).all()) for a in got)
+  np.testing.assert_array_equal(got[0][1], 0)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
 
 
 def test_alternating_layers_under_context_parallelism():
@@ -36,7 +99,7 @@ def test_alternating_layers_under_context_parallelism():
 
 
 def test_zigzag_order_round_trips():
-  layout = sharding.Layout(jax.make_mesh((4,), ('context',), devices=jax.devices()[:4]),
+  layout = sharding.Layout(sharding.make_mesh({'context': 4}, jax.devices()[:4]),
                            (('length', 'context'),))
   with axes.use(layout):
     x = jnp.arange(2 * 16).reshape(2, 16)
@@ -51,9 +114,15 @@ def test_zigzag_order_round_trips():
     {'mesh.context': 2, 'mesh.fsdp': 2, 'mesh.model': 2},
     {'mesh.context': 2, 'mesh.stage': 2, 'model.pipeline_microbatches': 2},
     {'mesh.context': 2, 'mesh.model': 2, 'sharding.rules': "(('embed', 'model'),)"},
-], ids=['megatron_sp', 'fsdp,model', 'stage', 'user rule'])
+    {'mesh.context': 2, 'mesh.stage': 2, 'model.pipeline_microbatches': 2, **ATTENTION['ring']},
+    {'mesh.context': 2, 'mesh.model': 2, 'sharding.preset': 'megatron_sp', **ATTENTION['local']},
+    {'mesh.context': 2, 'mesh.fsdp': 2, 'mesh.model': 2, 'model.remat': 'full', **ATTENTION['ring']},
+    {'mesh.context': 4, 'mesh.data': 2, 'model.remat': 'selective', **ATTENTION['ring']},
+], ids=['megatron_sp', 'fsdp,model', 'stage', 'user rule', 'ring,stage', 'local,megatron_sp',
+        'ring,fsdp,model,full remat', 'ring,data,selective remat'])
 def test_context_combines_with_other_axes(overrides):
-  assert_same(loss_and_grads(make(**overrides)), loss_and_grads(make()))
+  alone = {k: v for k, v in overrides.items() if k.startswith('model.') and 'pipeline' not in k}
+  assert_same(loss_and_grads(make(**overrides)), loss_and_grads(make(**alone)))
 
 
 def test_data_context_model_trains_like_one_device():
@@ -71,8 +140,9 @@ def test_data_context_model_trains_like_one_device():
 def context_violations(kernel='allgather'):
   """What the compiled step at context=4 (data=2) does other than the chosen kernel's own
   collectives: `allgather` gathers K and V whole from their T/4 shards; `ring` passes one
-  [B, T/4, N, 2, H] block of K and V per trip of a C-trip loop; `local` sends one halo of
-  W positions per layer. The queries and the residual stream stay split on T."""
+  [B, T/4, N, 2, H] block of K and V per trip of a loop of C - 1 trips (the last block is
+  folded in after it, with nothing left to send); `local` sends one halo of W positions per
+  layer. The queries and the residual stream stay split on T."""
   B, T, D, N, W, c = 16, 64, 96, 4, 8, 4  # B x T x D / 2 = 49152 is no weight's size
   extra = {**ATTENTION[kernel], 'model.window': W, 'model.seq_len': T}
   cfg = make(**{'model.hidden': D, 'data.batch_size': B, 'mesh.data': 2, 'mesh.context': c, **extra})
@@ -88,7 +158,11 @@ def context_violations(kernel='allgather'):
   layer_loops = [b for b in forward if module.trip_counts.get(b) == cfg.model.num_layers]
   gathers = [i for b in forward for i in module.collectives('all-gather', computation=b)
              if math.prod(i.shapes[0][1]) == full]
-  permutes = [i for b in forward for i in module.collectives('collective-permute', computation=b)]
+  block = (B // 2, T // c, N, 2, D // N)  # K and V of one device, stacked
+  halo = (B // 2, W, N, 2, D // N)  # the last W positions of K and V
+  expected = {'allgather': None, 'ring': block, 'local': halo}[kernel]
+  permutes = [i for b in forward for i in module.collectives('collective-permute', computation=b)
+              if i.shapes[0][1] == expected]
   problems = []
   # Besides the kernel's own, only parameters may move in a layer: nothing of an activation's size.
   weights = {math.prod(x.shape[1:]) for x in jax.tree.leaves(s.rt.abstract_params)}
@@ -98,7 +172,6 @@ def context_violations(kernel='allgather'):
       if (i not in gathers + permutes and size >= full // c and size not in weights
           and size * c not in weights):
         problems.append(f'{i.op} {i.shapes} in a layer: an activation moved')
-  block = (B // 2, T // c, N, 2, D // N)  # K and V of one device, stacked
   if kernel == 'allgather':
     if len(gathers) != 2:
       problems.append(f'{len(gathers)} all-gathers of a whole [B, T, D] per layer, expected 2 (K, V)')
@@ -112,12 +185,11 @@ def context_violations(kernel='allgather'):
   if kernel == 'ring':
     rings = [b for b in forward if [i.shapes[0][1] for i in moves(b)] == [block]
              and moves(b)[0].op == 'collective-permute']
-    if [module.trip_counts.get(b) for b in rings] != [c]:
+    if [module.trip_counts.get(b) for b in rings] != [c - 1]:
       found = [(module.trip_counts.get(b), [(i.op, i.shapes) for i in moves(b)]) for b in forward]
-      problems.append(f'no loop of {c} trips whose one collective is a collective-permute of '
+      problems.append(f'no loop of {c - 1} trips whose one collective is a collective-permute of '
                       f'the K/V block {block}; forward loops (trips, collectives): {found}')
   if kernel == 'local':
-    halo = (B // 2, W, N, 2, D // N)
     found = [i.shapes[0][1] for b in layer_loops for i in moves(b) if i.op == 'collective-permute']
     if len(layer_loops) != 1 or found != [halo]:
       problems.append(f'expected one collective-permute of the halo {halo} per layer, found {found}')
@@ -158,6 +230,21 @@ def test_a_sequence_that_does_not_split_is_refused():
     train.setup(cfg, devices_for(cfg))
 
 
+def test_a_context_parallel_model_decodes_on_a_plain_layout(tmp_path):
+  """The checkpoint does not depend on context parallelism: a ring-trained model's parameters
+  load for scoring and decoding without a context axis and give the same loss."""
+  cfg = make(**{'mesh.context': 4, **ATTENTION['ring']})
+  s = train.setup(cfg, devices_for(cfg))
+  batch = batch_for(cfg, s.batch_sharding)
+  loss, _ = s.eval_metrics(s.rt.init_params(0), batch)
+  m = inference.load(params_checkpoint(tmp_path / 'params', s.rt), devices=jax.devices()[:1])
+  assert dict(m.rt.mesh.shape)['context'] == 1
+  nll, _ = m.score(np.asarray(batch))
+  np.testing.assert_allclose(nll.mean(), float(loss), rtol=1e-5)
+  out = generate.Generator(m.rt, m.params, m.tokenizer.eod_id)([np.array([5, 6, 7], np.int32)], 4)
+  assert len(out[0]) == 4
+
+
 def long_context_temps(T, contexts):
   """Compiled temporary bytes per device of a step with local attention at sequence length T."""
   temps = {}
@@ -190,3 +277,17 @@ def test_memory_check_catches_an_unsplit_sequence(monkeypatch):
   monkeypatch.setattr(sharding, 'with_context', lambda rules: rules)
   temps, _ = long_context_temps(8192, (1, 8))
   assert any('context=8' in p for p in memory_falls_with_context(temps))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.context_attention': 'rng'}, r"model\.context_attention='rng' is not one of allgather, ring"),
+    ({'model.context_attention': 'ring', 'model.seq_len': 20},
+     r'model\.seq_len=20 is not divisible by 2 x mesh\.context=4'),
+    ({'model.attention': 'local', 'model.window': 8, 'model.seq_len': 16},
+     r'model\.window=8 is longer than the sequence block per device \(model\.seq_len=16 / '
+     r'mesh\.context=4 = 4\)'),
+])
+def test_context_attention_settings_that_cannot_work_are_refused(overrides, message):
+  cfg = make(**{'mesh.context': 4, **overrides})
+  with pytest.raises(config.ConfigError, match=message):
+    train.setup(cfg, devices_for(cfg))

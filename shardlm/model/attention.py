@@ -163,19 +163,23 @@ def ring_attention(q_btnh, k_btnh, v_btnh, *, causal=True, mask=None, zigzag=Fal
   """Dense attention with T split over C devices, keys and values passed round the ring.
 
   Each device keeps its query block and, over C steps, attends to every key/value block while
-  passing the block it holds to the next device (one collective-permute of [B, T/C, N, 2, H] per
-  step, independent of the step's compute, so the two can overlap). An online softmax (running
-  max and sum in float32) merges the blocks, so no device ever holds the [T/C, T] logits or all
-  keys at once in the forward pass; each step is rematerialized in the backward pass. Causal
-  masks come from positions: with `zigzag` (the sequence in `to_zigzag` order) every device
-  holds an early and a late chunk, and at every step past the first each device computes half
-  a block (the half that the mask leaves), so all devices do equal work. `mask`: [B, 1, 1, T]
-  or None, which keys each row may see (BERT's padding); its blocks travel with the keys.
+  passing the block it holds on to the next device (C - 1 collective-permutes of [B, T/C, N, 2, H],
+  each independent of the step's compute, so the two can overlap). An online softmax (running
+  max and sum in float32) merges the blocks, so no device holds the [T/C, T] logits or more than
+  two key/value blocks. The backward pass goes round the ring again (Liu et al. 2023), the keys'
+  and values' gradients travelling with their blocks (C more permutes) and arriving home; it
+  keeps only q, k, v, the output and its log-sum-exp per device. Causal masks come from
+  positions: with `zigzag` (the sequence in `to_zigzag` order) every device holds an early and a
+  late chunk, and at every step past the first it computes only the half block that the mask
+  leaves, so all devices do equal work.
+  `mask`: [B, 1, 1, T] or None, which keys each row may see (BERT's padding); its blocks travel
+  with the keys.
   """
   C = axes.ways('length')
   B, T, N, H = q_btnh.shape
   if mask is not None and mask.shape != (B, 1, 1, T):
     raise ValueError(f'ring attention takes a key mask [B, 1, 1, T] = {(B, 1, 1, T)}, got {mask.shape}')
+  scale = 1 / float(H) ** 0.5
 
   def positions(block, t):  # the sequence positions of a device's block of t
     if not zigzag:
@@ -185,36 +189,94 @@ def ring_attention(q_btnh, k_btnh, v_btnh, *, causal=True, mask=None, zigzag=Fal
 
   def run(q, k, v, keep=None):  # keep [B, t]: which keys may be seen (None: all)
     t, h = q.shape[1], q.shape[1] // 2
-    me = axes.position('length')
-    q_pos = positions(me, t)
 
-    def step(carry, s):
-      acc, kv, keep = carry
-      incoming = axes.pass_on((kv, keep), 'length')  # sent while this block is computed
-      src = (me - s) % C  # whose block this device holds at step s
-      k_pos = positions(src, t)
-      whole = lambda acc: _merge(acc, q, kv, q_pos, k_pos, keep, causal)
-      half = lambda x: None if x is None else x[:, :h]
-      if not causal:
-        return (whole(acc), *incoming), None
-      if not zigzag:  # later blocks are wholly masked; skipping them saves energy, not time
-        acc = jax.lax.cond(src <= me, whole, lambda acc: acc, acc)
-        return (acc, *incoming), None
-      # zigzag: an earlier device's late chunk and a later device's early chunk are masked
-      earlier = lambda acc: _merge(acc, q, kv[:, :h], q_pos, k_pos[:h], half(keep), causal)
+    def ring(fold, state, q_side, kv, keep, acc=None):
+      """C steps; at step s this device holds device (me - s)'s keys and values, folds them into
+      `state` (by query: [B, t, ...]) and `acc` (by key, travelling with the block), and passes
+      the block on, except after the last step (a loop of C - 1 trips, then the last block);
+      `acc` is passed C times, which brings it home. Arrays by query or key have that axis
+      second."""
+      me = axes.position('length')  # traced here: custom_vjp's rules may not close over tracers
+      q_pos = positions(me, t)
 
-      def later(acc):
-        o, m, l = acc
-        o2, m2, l2 = _merge((o[:, h:], m[..., h:], l[..., h:]), q[:, h:], kv, q_pos[h:], k_pos,
-                            keep, causal)
-        return (jnp.concatenate([o[:, :h], o2], 1), jnp.concatenate([m[..., :h], m2], -1),
-                jnp.concatenate([l[..., :h], l2], -1))
-      which = jnp.where(s == 0, 0, jnp.where(src < me, 1, 2))
-      return (jax.lax.switch(which, (whole, earlier, later), acc), *incoming), None
+      def fold_step(state, kv, keep, acc, s):
+        src = (me - s) % C
+        k_pos = positions(src, t)
 
-    kv = jnp.stack([k, v], axis=3)  # [B, t, N, 2, H]: one transfer per step
-    (o, _, l), _, _ = jax.lax.scan(jax.checkpoint(step), (_empty(q), kv, keep), jnp.arange(C))[0]
-    return (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
+        def part(qs, ks):  # fold rows qs of the queries against rows ks of the keys
+          def apply(sa):
+            state, acc = sa
+            new_state, new_acc = fold(_rows(state, qs), _rows(acc, ks), _rows(q_side, qs),
+                                      kv[:, ks], _rows(keep, ks), q_pos[qs], k_pos[ks])
+            return _put(state, new_state, qs), _put(acc, new_acc, ks)
+          return apply
+        every, early, late = slice(None), slice(None, h), slice(h, None)
+        if not causal:
+          state, acc = part(every, every)((state, acc))
+        elif not zigzag:  # a later device's block is wholly masked: skipped (energy, not time)
+          state, acc = jax.lax.cond(src <= me, part(every, every), lambda sa: sa, (state, acc))
+        else:  # an earlier device's late chunk and a later device's early chunk are masked
+          which = jnp.where(s == 0, 0, jnp.where(src < me, 1, 2))
+          state, acc = jax.lax.switch(
+              which, (part(every, every), part(every, early), part(late, every)), (state, acc))
+        return state, acc
+
+      def step(carry, s):
+        state, kv, keep, acc = carry
+        incoming = axes.pass_on((kv, keep), 'length')  # independent of this step's compute
+        state, acc = fold_step(state, kv, keep, acc, s)
+        return (state, *incoming, axes.pass_on(acc, 'length')), None
+      (state, kv, keep, acc), _ = jax.lax.scan(step, (state, kv, keep, acc), jnp.arange(C - 1))
+      state, acc = fold_step(state, kv, keep, acc, C - 1)
+      return state, axes.pass_on(acc, 'length')
+
+    def forward_fold(state, acc, q, kv, keep, q_pos, k_pos):
+      o, m, l = state
+      logits = _scores(q, kv[:, :, :, 0], keep, q_pos, k_pos, causal, scale)
+      m_new = jnp.maximum(m, logits.max(-1))
+      base = jnp.where(jnp.isfinite(m_new), m_new, 0.)  # a row with nothing visible yet stays 0
+      p = jnp.exp(logits - base[..., None])
+      rescale = jnp.exp(m - base)
+      o = o * rescale[..., None] + jnp.einsum('bqnk,bknh->bqnh', p.astype(kv.dtype), kv[:, :, :, 1],
+                                              preferred_element_type=jnp.float32)
+      return (o, m_new, l * rescale + p.sum(-1)), acc
+
+    def backward_fold(dq, dkv, q_side, kv, keep, q_pos, k_pos):
+      q, do, lse, delta = q_side  # do in the compute dtype; lse, delta float32
+      k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+      mm = lambda spec, a, b: jnp.einsum(spec, a.astype(q.dtype), b, preferred_element_type=jnp.float32)
+      p = jnp.exp(_scores(q, k, keep, q_pos, k_pos, causal, scale) - lse[..., None])
+      dv = mm('bqnk,bqnh->bknh', p, do)
+      ds = p * (mm('bqnh,bknh->bqnk', do, v) - delta[..., None]) * scale
+      dk = mm('bqnk,bqnh->bknh', ds, q)
+      dq = dq + mm('bqnk,bknh->bqnh', ds, k)
+      return dq, dkv + jnp.stack([dk, dv], axis=3)
+
+    @jax.custom_vjp
+    def attend_ring(q, k, v, keep):
+      return forward(q, k, v, keep)[0]
+
+    def forward(q, k, v, keep):
+      B, t, N, H = q.shape
+      start = (jnp.zeros((B, t, N, H), jnp.float32), jnp.full((B, t, N), -jnp.inf, jnp.float32),
+               jnp.zeros((B, t, N), jnp.float32))
+      (o, m, l), _ = ring(forward_fold, start, q, jnp.stack([k, v], axis=3), keep)
+      # A row that sees no key (BERT's, when every key is padding) gives 0, not 0/0, and its
+      # log-sum-exp +inf makes its probabilities 0 in the backward pass.
+      seen = l > 0
+      o = o / jnp.where(seen, l, 1.)[..., None]
+      return o.astype(q.dtype), (q, k, v, keep, o, jnp.where(seen, m + jnp.log(l), jnp.inf))
+
+    def backward(res, do):
+      q, k, v, keep, o, lse = res
+      delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1)  # [B, t, N]: softmax's backward term
+      kv = jnp.stack([k, v], axis=3)
+      dq, dkv = ring(backward_fold, jnp.zeros(q.shape, jnp.float32), (q, do, lse, delta), kv, keep,
+                     acc=jnp.zeros(kv.shape, jnp.float32))
+      return dq.astype(q.dtype), dkv[:, :, :, 0].astype(k.dtype), dkv[:, :, :, 1].astype(v.dtype), None
+
+    attend_ring.defvjp(axes.bound(forward), axes.bound(backward))
+    return attend_ring(q, k, v, keep)
 
   if mask is None:
     return axes.shard_map(run, (QKV, QKV, QKV), QKV)(q_btnh, k_btnh, v_btnh)
@@ -222,28 +284,26 @@ def ring_attention(q_btnh, k_btnh, v_btnh, *, causal=True, mask=None, zigzag=Fal
       q_btnh, k_btnh, v_btnh, mask[:, 0, 0])
 
 
-def _empty(q_btnh):
-  """The online softmax's start: output 0, running max -inf, running sum 0 (float32)."""
-  B, t, N, _ = q_btnh.shape
-  return (jnp.zeros(q_btnh.shape, jnp.float32), jnp.full((B, N, t), -jnp.inf, jnp.float32),
-          jnp.zeros((B, N, t), jnp.float32))
+def _rows(tree, rows):
+  """Every array of tree cut to `rows` (a slice) of its second axis."""
+  return jax.tree.map(lambda x: x[:, rows], tree)
 
 
-def _merge(acc, q_btnh, kv_btn2h, q_pos, k_pos, keep_bt, causal):
-  """One key/value block folded into the online softmax `acc` = (output [B, t, N, H] unnormalized,
-  running max [B, N, t], running sum [B, N, t]), all float32."""
-  o, m, l = acc
-  k, v = kv_btn2h[:, :, :, 0], kv_btn2h[:, :, :, 1]
-  logits = jnp.einsum('bqnh,bknh->bnqk', q_btnh, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(q_btnh.shape[-1]))
+def _put(tree, new, rows):
+  """tree with `rows` (a slice of the second axis: all, the first half or the second) from new."""
+  def put(x, y):
+    if rows.start is None and rows.stop is None:
+      return y
+    h = x.shape[1] // 2
+    return jnp.concatenate([y, x[:, h:]] if rows.stop is not None else [x[:, :h], y], axis=1)
+  return jax.tree.map(put, tree, new)
+
+
+def _scores(q_btnh, k_btnh, keep_bt, q_pos, k_pos, causal, scale):
+  """Scaled logits [B, q, N, k] in float32, -inf where a key is masked (by `keep`, or after the
+  query when causal)."""
+  logits = jnp.einsum('bqnh,bknh->bqnk', q_btnh, k_btnh, preferred_element_type=jnp.float32) * scale
   allowed = jnp.ones((), bool) if keep_bt is None else keep_bt[:, None, None, :]
   if causal:
-    allowed = allowed & (k_pos[None, :] <= q_pos[:, None])[None, None]
-  logits = jnp.where(allowed, logits, -jnp.inf)
-  m_new = jnp.maximum(m, logits.max(-1))
-  base = jnp.where(jnp.isfinite(m_new), m_new, 0.)  # a row with nothing visible yet stays 0
-  p = jnp.exp(logits - base[..., None])
-  scale = jnp.exp(m - base)
-  o = o * jnp.swapaxes(scale, 1, 2)[..., None] + jnp.einsum(
-      'bnqk,bknh->bqnh', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o, m_new, l * scale + p.sum(-1)
+    allowed = allowed & (k_pos[None, :] <= q_pos[:, None])[None, :, None, :]
+  return jnp.where(allowed, logits, -jnp.inf)

@@ -36,12 +36,24 @@ def check_names(names, where: str = 'logical axes') -> None:
 
 @contextlib.contextmanager
 def use(layout):
-  """Makes `constrain`, `shard_map`, `vmap` and `rotate` follow `layout` while tracing."""
+  """Makes `constrain`, `shard_map`, `vmap`, `ways` and the collectives inside `shard_map` follow
+  `layout` while tracing."""
   token = _active.set(layout)
   try:
     yield
   finally:
     _active.reset(token)
+
+
+def bound(f):
+  """f, run under the layout active now whenever it is called: for functions JAX traces later,
+  such as a custom_vjp's backward rule (traced once the forward pass's `use` has ended)."""
+  layout = _active.get()
+
+  def call(*args, **kwargs):
+    with use(layout):
+      return f(*args, **kwargs)
+  return call
 
 
 def constrain(x, names):
@@ -108,7 +120,7 @@ def pass_on(x, name: str, wrap: bool = True):
   check_names((name,))
   layout = _active.get()
   mesh_axes, n = layout.mesh_axes(name) if layout is not None else ((), 1)
-  if n == 1:
+  if n == 1 or not jax.tree.leaves(x):
     return x if wrap else jax.tree.map(jnp.zeros_like, x)
   pairs = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if wrap else [])
   return jax.lax.ppermute(x, mesh_axes, perm=pairs)

@@ -168,5 +168,5 @@ class SelfAttention(nnx.Module):
       in_window = k_pos > q_pos - self.window
       mask_bts &= in_window if self.kind == 'local' else (in_window | ~local)
     o_btnh = attention.attend(q_btnh, k_bsnh.astype(q_btnh.dtype), v_bsnh.astype(q_btnh.dtype),
-                    causal=False, mask=mask_bts[:, None])
+                              causal=False, mask=mask_bts[:, None])
     return o_btnh, cache
