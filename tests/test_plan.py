@@ -1,0 +1,118 @@
+"""The planner (`python -m shardlm.plan`): exact per-device state bytes, compiled memory and
+collectives of the real step on a simulated mesh, and one line for bad input."""
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from shardlm import config, plan, train
+
+
+def tiny(**overrides):
+  cfg = config.load('tiny')
+  for key, value in overrides.items():
+    config.override(cfg, key, str(value))
+  return cfg
+
+
+@pytest.mark.parametrize('preset, mesh', [
+    ('dp', {}), ('megatron', {'mesh.model': 4}), ('fsdp', {'mesh.fsdp': 8}),
+    ('megatron_fsdp', {'mesh.fsdp': 2, 'mesh.model': 2}), ('megatron_sp', {'mesh.model': 2}),
+])
+def test_state_bytes_equal_the_real_sharded_state(preset, mesh):
+  s = train.setup(tiny(**{'sharding.preset': preset, **mesh}))
+  params, optimizer = plan.state_bytes(s, jax.eval_shape(s.init))
+  state = s.init()
+  device = jax.devices()[0]
+  held = lambda tree: sum(x.addressable_data(0).nbytes for x in jax.tree.leaves(tree)
+                          if device in x.sharding.device_set)
+  assert params == held(state['params'])
+  assert optimizer == held({k: v for k, v in state.items() if k != 'params'})
+
+
+def run_plan(*args, timeout=240):
+  return subprocess.run([sys.executable, '-m', 'shardlm.plan', *args], capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_gpt_8b_at_model_8_argument_bytes_to_the_byte():
+  out = run_plan('--config', 'gpt_8b', '--devices', '8', '--config.mesh.model=8', '--json')
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads(out.stdout)
+  b = p['bytes_per_device']
+  assert p['mesh'] == {'data': 1, 'stage': 1, 'fsdp': 1, 'context': 1, 'model': 8}
+  assert b['arguments_compiled'] == b['params'] + b['optimizer'] + b['batch']
+  # float32 parameters: the layers' matrices split 8 ways, the rest whole
+  assert abs(b['params'] / 4 - 8.3e9 / 8) / (8.3e9 / 8) < 0.05
+  assert p['fits'] is False  # 512 sequences of 1024 tokens on one data shard, no recomputation
+  kinds = {(c['kind'], tuple(c['axes'])) for c in p['collectives']}
+  assert ('all-reduce', ('model',)) in kinds and all(c['axes'] == ['model'] for c in p['collectives'])
+
+
+def test_a_plan_on_this_process_devices():
+  p = plan.make_plan(tiny(**{'mesh.model': 2}), 'h100')
+  assert p['mesh']['model'] == 2 and p['mesh']['data'] == 4 and p['fits']
+  model = next(c for c in p['collectives'] if c['kind'] == 'all-reduce' and c['axes'] == ['model'])
+  assert model['count'] >= 4 * 4  # Megatron: 2 forward + 2 backward per layer, 4 layers
+  assert not model['across_hosts'] and 0 < p['mfu'] < 1
+  assert 'fits' in plan.table(p)
+
+
+def small(preset, mesh, remat):
+  """A float32 GPT whose shape the formula's counts were not taken from (XLA:CPU computes
+  bfloat16 in float32, so its compiled bytes would not be a bfloat16 device's)."""
+  return tiny(**{'model.num_layers': 3, 'model.hidden': 384, 'model.num_heads': 12,
+                 'model.seq_len': 192, 'data.batch_size': 16, 'model.vocab_size': 1024,
+                 'model.scan_layers': True, 'model.remat': remat, 'sharding.preset': preset, **mesh})
+
+
+LAYOUTS = [('dp', {}), ('megatron', {'mesh.model': 4}), ('megatron_sp', {'mesh.model': 4})]
+
+
+def test_analytic_activations_within_a_quarter_of_the_compiled_temporaries():
+  rows, problems = [], []
+  for preset, mesh in LAYOUTS:
+    for remat in ('none', 'selective', 'full'):
+      b = plan.make_plan(small(preset, mesh, remat), 'h100')['bytes_per_device']
+      ratio = b['activations_analytic'] / b['activations_compiled']
+      rows.append(f"{preset:<12} {remat:<9} compiled {b['activations_compiled'] / 2**20:7.1f} MiB "
+                  f"formula {b['activations_analytic'] / 2**20:7.1f} MiB  ratio {ratio:.2f}")
+      if not 0.75 <= ratio <= 1.25:
+        problems.append(rows[-1])
+      if remat == 'full':  # the wrong policy's count must fail the same check
+        none = small(preset, mesh, 'none')
+        wrong = plan.analytic_activations(none, train.setup(none))
+        assert wrong / b['activations_compiled'] > 1.25, rows[-1]
+  print('\n'.join(rows))
+  assert problems == [], '\n'.join(rows)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--devices', '8', '--device', 'h300'], "--device=h300 is not a device the planner knows; one of h100"),
+    (['--devices', '6', '--config.mesh.model=4'], 'the fixed axes (4) do not divide the 6 devices'),
+    (['--devices', '8', '--config.model.hiden=3'], "unknown config key 'model.hiden'"),
+    (['--device', 'h100'], 'the following arguments are required: --devices'),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+  out = run_plan(*args, timeout=120)
+  assert out.returncode == 2
+  lines = [line for line in out.stderr.splitlines() if line.startswith('shardlm: error:')]
+  assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+@pytest.mark.parametrize('name, devices, model, fits', [
+    ('gpt_1_2b', 1, 1, True),    # Megatron-LM Table 1: 1.2B on one 32 GB V100
+    ('gpt_8b', 1, 1, False),     # 8.3B does not fit one...
+    ('gpt_8b', 8, 8, True),      # ...and fits 8-way tensor parallel
+])
+def test_megatron_lm_table_1_on_32gb_v100s(name, devices, model, fits):
+  # Megatron-LM 2019's settings: 8 sequences of 1024 per model copy, mixed precision, activation
+  # checkpointing (remat full), Adam.
+  out = run_plan('--config', name, '--devices', str(devices), '--device', 'v100-32', '--json',
+                 '--config.data.batch_size=8', '--config.model.dtype=float16',
+                 '--config.model.remat=full', f'--config.mesh.model={model}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads(out.stdout)
+  assert p['mesh']['model'] == model and p['fits'] is fits, p['bytes_per_device']
