@@ -23,6 +23,7 @@ from shardlm import config as config_lib, errors
 from shardlm.errors import ConfigError
 
 GiB = 2**30
+MAX_DEVICES = 4096  # simulated CPU devices; a 4096-device compile takes minutes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +61,23 @@ def parse(argv):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--devices', type=int, required=True, help='how many accelerators')
   p.add_argument('--device', default='h100', help=f"one of {', '.join(DEVICES)}")
-  p.add_argument('--json', action='store_true', help='one JSON object instead of the table')
+  p.add_argument('--json', action='store_true', help='JSON (a list with --sweep) instead of a table')
+  p.add_argument('--sweep', action='store_true',
+                 help='every layout of the devices (model, stage, fsdp sizes; sequence parallelism; '
+                      'the least recomputation that fits; pipeline micro-batches), ranked')
   args, rest = p.parse_known_args(argv)
   if args.device not in DEVICES:
     raise ConfigError(f"--device={args.device} is not a device the planner knows; one of "
                       f"{', '.join(DEVICES)}")
   if args.devices <= 0:
     raise ConfigError(f'--devices={args.devices} must be positive')
+  if args.devices > MAX_DEVICES:
+    raise ConfigError(f'--devices={args.devices}: the planner simulates at most {MAX_DEVICES} '
+                      'devices on this CPU')
   cfg = config_lib.parse_args(rest)
-  return cfg, args.device, args.devices, args.json
+  from shardlm import sharding
+  sharding.mesh_shape(cfg, args.devices)  # the mesh must divide the devices
+  return cfg, args.device, args.devices, args.json, args.sweep
 
 
 def main(argv=None):
@@ -77,14 +86,124 @@ def main(argv=None):
 
 def _main(argv):
   argv = list(sys.argv[1:] if argv is None else argv)
-  cfg, device, n, as_json = parse(argv)  # bad input fails here, before any process starts
+  cfg, device, n, as_json, sweep = parse(argv)  # bad input fails here, before any process starts
   if os.environ.get('SHARDLM_PLAN_DEVICES') != str(n):
     # The plan needs n devices: a fresh process whose XLA makes that many on the CPU.
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
     env = {**os.environ, 'SHARDLM_PLAN_DEVICES': str(n), 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
-    sys.exit(subprocess.run([sys.executable, '-m', 'shardlm.plan', *argv], env=env).returncode)
+           'JAX_NUM_CPU_DEVICES': str(n),
+           'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])}
+    rc = subprocess.run([sys.executable, '-m', 'shardlm.plan', *argv], env=env).returncode
+    if rc < 0:
+      raise ConfigError(f'the planning process for {n} devices was killed by signal {-rc} '
+                        '(out of memory?)')
+    sys.exit(rc)
+  import jax
+  if jax.device_count() != n:
+    raise ConfigError(f'the planning process has {jax.device_count()} devices, not {n}: '
+                      'unset JAX_NUM_CPU_DEVICES and JAX_PLATFORMS')
+  if sweep:
+    plans = sweep_layouts(cfg, device, log=None if as_json else print)
+    print(json.dumps(plans) if as_json else ranking(plans))
+    return
   plan = make_plan(cfg, device)
   print(json.dumps(plan) if as_json else table(plan))
+
+
+def layouts(cfg, n: int, dev: Device) -> list[dict]:
+  """Every layout of n devices the config allows, as config overrides: model (dividing the heads,
+  within a host), stage (dividing the layers) and fsdp sizes, data the rest (dividing the batch),
+  context as the config has it; with model > 1 also sequence parallelism; with a pipeline, the
+  micro-batch counts P, 2P and 4P that divide the batch."""
+  m, B = cfg.model, cfg.data.batch_size
+  context = max(cfg.mesh.context, 1)
+  divisors = lambda k: [d for d in range(1, k + 1) if k % d == 0]
+  out = []
+  for model in divisors(n // context):
+    if m.num_heads % model or model > dev.per_host:
+      continue
+    for stage in divisors(n // context // model):
+      if m.num_layers % stage:
+        continue
+      for fsdp in divisors(n // context // model // stage):
+        data = n // (context * model * stage * fsdp)
+        batch = B // cfg.optimizer.grad_accum_steps
+        if batch % (data * fsdp):
+          continue
+        mesh = {'mesh.data': data, 'mesh.stage': stage, 'mesh.fsdp': fsdp, 'mesh.context': context,
+                'mesh.model': model}
+        for preset in ('megatron_fsdp', 'megatron_sp') if model > 1 else ('megatron_fsdp',):
+          for micro in ([stage * k for k in (1, 2, 4) if batch % (data * fsdp * stage * k) == 0]
+                        if stage > 1 else [0]):
+            out.append({**mesh, 'sharding.preset': preset, 'model.pipeline_microbatches': micro})
+  return out
+
+
+def sweep_layouts(cfg, device: str, log=None) -> list[dict]:
+  """Plans of every layout (`layouts`) that may fit, ranked by predicted step time (those that fit
+  first). For each layout the least recomputation (none, selective, full), then the fewest
+  gradient-accumulation steps, whose formula total fits the device (with 25% to spare for the
+  formula's error) is compiled; layouts where nothing does are pruned without compiling."""
+  import copy
+
+  import jax
+
+  from shardlm import train
+  dev, n = DEVICES[device], jax.device_count()
+  plans, pruned = [], 0
+
+  def with_(base, overrides):
+    c = copy.deepcopy(base)
+    for key, value in overrides.items():
+      config_lib.override(c, key, str(value))
+    return c
+
+  for overrides in layouts(cfg, n, dev):
+    chosen = None
+    for remat in ('none', 'selective', 'full'):
+      c = with_(cfg, {**overrides, 'model.remat': remat})
+      try:
+        s = train.setup(c)
+      except ConfigError:
+        break  # the layout is not allowed (a check the enumeration does not repeat)
+      params, optimizer = state_bytes(s, jax.eval_shape(s.init))
+      rows = c.data.batch_size // (c.mesh.data * c.mesh.fsdp * max(s.rt.model_config.microbatches, 1))
+      for accum in (k for k in range(1, rows + 1) if rows % k == 0):
+        a = with_(c, {'optimizer.grad_accum_steps': accum})  # the formula needs no new trainer
+        if params + optimizer + analytic_activations(a, s) <= 1.25 * dev.memory:
+          chosen = a
+          break
+      if chosen is not None:
+        break
+    if chosen is None:
+      pruned += 1
+      continue
+    p = make_plan(chosen, device)
+    plans.append(p)
+    if log:
+      log(f"  compiled {_layout(p)}: {'fits' if p['fits'] else 'does not fit'}, "
+          f"{p['step_time_s'] * 1e3:.0f} ms")
+  if log:
+    log(f'{len(plans)} layouts compiled, {pruned} pruned by the formula (no policy fits)')
+  return sorted(plans, key=lambda p: (not p['fits'], p['step_time_s']))
+
+
+def _layout(p: dict) -> str:
+  mesh = ' '.join(f'{k}={v}' for k, v in p['mesh'].items() if v > 1) or 'one device'
+  micro = f" M={p['microbatches']}" if p.get('microbatches') else ''
+  accum = f" accum={p['accumulation']}" if p.get('accumulation', 1) > 1 else ''
+  return f"{mesh} {p['preset']} remat={p['remat']}{accum}{micro}"
+
+
+def ranking(plans: list) -> str:
+  """The sweep as a ranked table."""
+  lines = [f"{'rank':>4}  {'layout':<62} {'memory':>10}  {'fits':<4} {'step':>10} {'MFU':>6}"]
+  for k, p in enumerate(plans, 1):
+    lines.append(f"{k:>4}  {_layout(p):<62} {p['bytes_per_device']['total'] / GiB:7.1f} GiB  "
+                 f"{'yes' if p['fits'] else 'no':<4} {p['step_time_s'] * 1e3:7.0f} ms "
+                 f"{100 * p['mfu']:5.1f}%")
+  return '\n'.join(lines)
 
 
 def make_plan(cfg, device: str) -> dict:
@@ -102,30 +221,44 @@ def make_plan(cfg, device: str) -> dict:
   tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
   try:
     compiled = s.step.lower(state, tokens).compile()
-  except Exception as e:  # the layout passed the checks but XLA cannot build it
+  except jax.errors.JaxRuntimeError as e:  # the layout passed the checks but XLA cannot build it
     raise ConfigError(f'the step does not compile on mesh {dict(mesh.shape)}: '
-                      f'{str(e).splitlines()[0]}') from None
+                      f"{(str(e).splitlines() or ['no message'])[0]}") from None
   mem = compiled.memory_analysis()
   params, optimizer = state_bytes(s, state)
   grads = params  # one gradient per parameter, in its dtype and sharding
   batch = math.prod(s.rt.batch_sharding.shard_shape(tokens.shape)) * tokens.dtype.itemsize
   temps = mem.temp_size_in_bytes
-  total = params + optimizer + batch + temps  # the gradients live among the temporaries
+  analytic = analytic_activations(cfg, s)
+  # XLA:CPU computes bfloat16 and float16 in float32: its temporaries then overstate a GPU's or
+  # TPU's, by at most 2x; the verdict takes the formula's or half the compiled, the larger.
+  half = cfg.model.dtype != 'float32'
+  verdict = max(analytic, temps // 2) if half else temps
+  takes = 'compiled' if not half else 'formula' if analytic >= temps // 2 else 'compiled / 2'
+  total = params + optimizer + batch + verdict  # the gradients live among the temporaries
   m = cfg.model
   flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, s.rt.model_config.padded_vocab)
   colls = collectives(hlo.parse(compiled.as_text()), mesh, dev)
   n = mesh.devices.size
   mc = s.rt.model_config
   work = (mc.repeats * mc.microbatches + mc.stages - 1) / (mc.repeats * mc.microbatches)
-  compute = flops / n / dev.peak * work  # the pipeline bubble idles every stage alike
+  # Recomputation repeats part of the forward pass (a third of the model FLOPs): all of it under
+  # `full`, the attention core (Megatron's T/6D term) under `selective`.
+  attention = (T / (6 * m.hidden)) / (flops / (72 * B * T * m.num_layers * m.hidden**2))
+  recompute = {'none': 0., 'selective': attention / 3, 'full': 1 / 3}[m.remat]
+  compute = flops * (1 + recompute) / n / dev.peak * work  # the bubble idles every stage alike
   comm = sum(c['seconds'] for c in colls)
   step = compute + comm  # no overlap assumed: an upper bound on the roofline
   return {
       'config': cfg.name, 'device': device, 'devices': n, 'mesh': dict(mesh.shape),
+      'preset': cfg.sharding.preset, 'remat': m.remat,
+      'accumulation': cfg.optimizer.grad_accum_steps,
+      'microbatches': mc.microbatches if mc.stages > 1 else 0,
       'bytes_per_device': {'params': params, 'grads': grads, 'optimizer': optimizer,
                            'batch': batch, 'activations_compiled': temps,
-                           'activations_analytic': analytic_activations(cfg, s),
+                           'activations_analytic': analytic,
                            'arguments_compiled': mem.argument_size_in_bytes, 'total': total},
+      'total_takes': takes,
       'device_memory_bytes': dev.memory, 'fits': total <= dev.memory,
       'margin_bytes': dev.memory - total,
       'model_flops_per_step': flops, 'collectives': colls,
@@ -139,14 +272,16 @@ def state_bytes(trainer, state, only=None) -> tuple[int, int]:
   state at the shape its sharding gives one device (the step counter and loss scale go with the
   optimizer). `only`: a tree of bools over the parameters, which of them to count."""
   import jax
-  keep = jax.tree.leaves(only) if only is not None else None
-  shards = lambda tree, shardings: sum(
-      math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-      for k, (x, sh) in enumerate(zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-      if keep is None or keep[k])
+  one = lambda x, sh: math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+  shards = lambda tree, shardings: sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
   rest = lambda tree: {k: v for k, v in tree.items() if k != 'params'}
-  params = shards(state['params'], trainer.state_shardings['params'])
-  return params, (shards(rest(state), rest(trainer.state_shardings)) if only is None else 0)
+  if only is not None:  # tree.map checks that the three trees have one structure
+    params = sum(jax.tree.leaves(jax.tree.map(
+        lambda x, sh, keep: one(x, sh) if keep else 0, state['params'],
+        trainer.state_shardings['params'], only)))
+    return params, 0
+  return (shards(state['params'], trainer.state_shardings['params']),
+          shards(rest(state), rest(trainer.state_shardings)))
 
 
 # What one layer keeps for its backward pass, per remat policy, as Korthikanti et al. (2022) count
@@ -164,8 +299,8 @@ KEPT = {'none': (8, 28, 13), 'selective': (2, 7, 0), 'full': (1, 0, 0)}
 def analytic_activations(cfg, trainer) -> int:
   """Temporary bytes per device by formula: the layers' kept activations (KEPT) for every layer
   application whose backward is pending (L, or with a pipeline (R M + P - 1) x L/(R P) per stage,
-  each of one micro-batch), each layer's gradient, and its weights cast to the compute dtype
-  when they are kept; one layer's working set during its backward (everything `none` keeps, two
+  each of one micro-batch), with the weights cast to the compute dtype when they are kept; the
+  layers' gradients; one layer's working set during its backward (everything `none` keeps, two
   float32 score arrays); and the float32 logits, their softmax and gradient."""
   import numpy as np
 
@@ -189,8 +324,9 @@ def analytic_activations(cfg, trainer) -> int:
   kept_cast = m.dtype != m.param_dtype and m.remat != 'full'
   cast = per_layer * e / np.dtype(m.param_dtype).itemsize if kept_cast else 0
   working = layer(*KEPT['none'][:2], 2 * 4)
-  logits = 3 * 4 * b * s * mc.padded_vocab / ways('vocab')
-  return int(applications * (layer(*KEPT[m.remat]) + per_layer + cast) + working + logits)
+  # The embedding and the LM head run outside the pipeline, on all its micro-batches at once.
+  logits = 3 * 4 * b * (M if P > 1 else 1) * s * mc.padded_vocab / ways('vocab')
+  return int(applications * (layer(*KEPT[m.remat]) + cast) + params + working + logits)
 
 
 def collectives(module, mesh, dev: Device) -> list:
@@ -205,14 +341,24 @@ def collectives(module, mesh, dev: Device) -> list:
   rows = {}
   for i in module.collectives():
     kind = i.op.removesuffix('-start')
-    groups = [g for g in module.groups(i) if len(g) > 1]
+    groups = module.groups(i)
+    if not groups:  # every device as one group ({}), or a form this reader does not know
+      known = 'replica_groups={}' in i.line
+      groups = [[d.id for d in mesh.devices.flat]]
+    else:
+      known = True
+    groups = [g for g in groups if len(g) > 1]
     if not groups:
       continue  # groups of one device move nothing
     axes = tuple(name for d, name in enumerate(mesh.axis_names)
-                 if any(len({position[x][d] for x in g}) > 1 for g in groups))
+                 if any(len({position[x][d] for x in g}) > 1 for g in groups)) if known else ('unknown',)
     across = any(len({host[x] for x in g}) > 1 for g in groups)
     n = len(groups[0])
-    size = max(math.prod(dims) * _ITEM.get(dtype, 4) for dtype, dims in i.shapes)
+    sizes = [math.prod(dims) * _ITEM.get(dtype, 4) for dtype, dims in i.shapes]
+    # An async start's tuple is (operand, result): the larger is the buffer; a combined
+    # collective's tuple holds several buffers. A reduce-scatter's result is 1/n of its buffer.
+    size = max(sizes) if i.op.endswith('-start') else sum(sizes)
+    size *= len(groups[0]) if kind == 'reduce-scatter' else 1
     times = module.multiplicity(i.computation)
     row = rows.setdefault((kind, axes), {'kind': kind, 'axes': list(axes), 'count': 0, 'bytes': 0,
                                          'across_hosts': False, 'seconds': 0.0})
@@ -243,7 +389,8 @@ def table(plan: dict) -> str:
            f"  optimizer state     {gib(b['optimizer'])}",
            f"  batch               {gib(b['batch'])}",
            f"  temporaries         {gib(b['activations_compiled'])}   (compiled for XLA:CPU; "
-           f"by formula {gib(b['activations_analytic']).strip()})",
+           f"by formula {gib(b['activations_analytic']).strip()}; the total takes the "
+           f"{plan['total_takes']})",
            f"  total               {gib(b['total'])}   of {gib(plan['device_memory_bytes']).strip()}: "
            f"{verdict}, margin {plan['margin_bytes'] / GiB:.2f} GiB",
            f"model FLOPs per step  {plan['model_flops_per_step']:.3e}",

@@ -236,15 +236,19 @@ def test_executed_work_is_the_formula():
 
 
 def test_scanned_compile_time_is_flat_in_depth():
-  def compile_seconds(layers):
+  def compile_seconds_and_size(layers):
     cfg = make(**pipelined(8, 1, 8, **{'model.num_layers': layers}))
     s = train.setup(cfg)
     t0 = time.perf_counter()
-    s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct((B, T + 1), jnp.int32)).compile()
-    return time.perf_counter() - t0
-  compile_seconds(8)  # warm the compiler's caches of everything but the model
-  shallow, deep = compile_seconds(8), compile_seconds(72)
-  assert deep < 1.5 * shallow, (shallow, deep)
+    compiled = s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct((B, T + 1), jnp.int32)).compile()
+    return time.perf_counter() - t0, len(hlo.parse(compiled.as_text()).instrs)
+  compile_seconds_and_size(8)  # warm the compiler's caches of everything but the model
+  (t8, n8), (t72, n72) = compile_seconds_and_size(8), compile_seconds_and_size(72)
+  # The program barely grows with depth (deterministic: 4336 -> 5358 instructions, the stage's
+  # 9-layer loop against 1 layer inlined); nor, roughly, does the compile time (loose: a shared
+  # machine's noise; 72 unrolled layers would be several times the program and the time).
+  assert n72 < 1.5 * n8, (n8, n72)
+  assert t72 < 3 * t8, (t8, t72)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from shardlm import config, plan, train
+from shardlm import config, hlo, plan, train
 
 
 def tiny(**overrides):
@@ -116,3 +117,30 @@ def test_megatron_lm_table_1_on_32gb_v100s(name, devices, model, fits):
   assert out.returncode == 0, out.stderr[-2000:]
   p = json.loads(out.stdout)
   assert p['mesh']['model'] == model and p['fits'] is fits, p['bytes_per_device']
+
+
+@pytest.mark.parametrize('line, groups', [
+    ('replica_groups={{0,1},{2,3}}, to_apply=%add', [[0, 1], [2, 3]]),
+    ('replica_groups=[2,4]<=[8], to_apply=%add', [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ('replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add', [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dims={0}",
+     [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dims={0}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ('source_target_pairs={{0,1},{1,0},{2,2}}, metadata={}', [[0, 1], [1, 0]]),
+])
+def test_collective_groups_in_every_replica_group_form(line, groups):
+  instr = hlo.Instr('x', 'all-reduce', [], [], 'c', f'%x = f32[4] all-reduce(%y), {line}')
+  assert hlo.Module.groups(instr) == groups
+
+
+def test_the_formula_for_a_pipelined_step():
+  # 2 stages x 4-way tensor parallel, 8 micro-batches: the formula holds (R M + P - 1) x L/(R P)
+  # pending layer applications of one micro-batch, each layer's gradient once, and the logits
+  # of the whole batch (the embedding and head run outside the pipeline).
+  cfg = tiny(**{'mesh.stage': 2, 'mesh.data': 1, 'mesh.model': 4, 'model.pipeline_microbatches': 8,
+                'model.scan_layers': True, 'model.hidden': 512, 'model.num_heads': 8})
+  s = train.setup(cfg)
+  compiled = s.step.lower(jax.eval_shape(s.init), jax.ShapeDtypeStruct(
+      (cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)).compile()
+  ratio = plan.analytic_activations(cfg, s) / compiled.memory_analysis().temp_size_in_bytes
+  assert 0.75 <= ratio <= 1.25, ratio
