@@ -144,3 +144,16 @@ def test_the_formula_for_a_pipelined_step():
       (cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)).compile()
   ratio = plan.analytic_activations(cfg, s) / compiled.memory_analysis().temp_size_in_bytes
   assert 0.75 <= ratio <= 1.25, ratio
+
+
+def test_a_sweep_ranks_every_layout_that_fits():
+  out = run_plan('--config', 'tiny', '--devices', '2', '--device', 'h100', '--sweep', '--json')
+  assert out.returncode == 0, out.stderr[-2000:]
+  plans = json.loads(out.stdout)
+  meshes = {tuple(sorted(p['mesh'].items())) for p in plans}
+  # tiny (4 heads, 4 layers, batch 16) on 2 devices: data, fsdp, model or stage of 2, or one each
+  assert {dict(m)['data'] * dict(m)['fsdp'] * dict(m)['model'] * dict(m)['stage'] for m in meshes} == {2}
+  assert len(meshes) == 4 and all(p['fits'] and p['remat'] == 'none' for p in plans)
+  times = [p['step_time_s'] for p in plans]
+  assert times == sorted(times)
+  assert {p['preset'] for p in plans} == {'megatron_fsdp', 'megatron_sp'}
