@@ -1,6 +1,8 @@
 """The planner (`python -m shardlm.plan`): exact per-device state bytes, compiled memory and
 collectives of the real step on a simulated mesh, and one line for bad input."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -34,8 +36,19 @@ def test_state_bytes_equal_the_real_sharded_state(preset, mesh):
 
 
 def run_plan(*args, timeout=240):
-  return subprocess.run([sys.executable, '-m', 'shardlm.plan', *args], capture_output=True,
-                        text=True, timeout=timeout)
+  """`python -m shardlm.plan ARGS`, in its own process group: the planner re-executes itself in a
+  child, and a timeout must not leave that child running."""
+  proc = subprocess.Popen([sys.executable, '-m', 'shardlm.plan', *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)  # the group: the planner and its child
+    except ProcessLookupError:
+      pass
+    proc.wait()
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_gpt_8b_at_model_8_argument_bytes_to_the_byte():
