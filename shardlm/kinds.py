@@ -5,6 +5,9 @@ Nothing else in shardlm branches on `model.kind`: a new kind (or task head) is o
 import dataclasses
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+
 from shardlm import hf
 from shardlm.data import bert as bert_data, loader
 from shardlm.errors import ConfigError
@@ -17,6 +20,7 @@ class Kind:
   model: type                 # nnx.Module class: model(TransformerConfig, rngs=...)
   objective: Callable         # (model, batch) -> (loss, {extra metrics})
   batch_axes: object          # logical axis names of a batch (a tree matching the batch)
+  example: Callable           # (B, T) -> a batch's shapes and dtypes (jax.ShapeDtypeStruct tree)
   transformer: dict           # TransformerConfig fields the kind fixes (causal, GELU form)
   check: Callable             # (cfg) -> None; raises ConfigError on settings the kind refuses
   batches: Callable           # (cfg, tokenizer) -> (loader.Data, train batches, validation batches)
@@ -58,10 +62,16 @@ def _bert_batches(cfg, tok):
 
 KINDS = {k.name: k for k in (
     Kind('gpt', gpt.GPT, gpt.objective, gpt.BATCH_AXES,
+         example=lambda B, T: jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
          transformer=dict(causal=True, gelu_approximate=True), check=_check_gpt,
          batches=_gpt_batches, needed_vocab=lambda tok: tok.vocab_size, hf=hf.GPT2,
          causal_lm=True),
     Kind('bert', bert.BERT, bert.objective, bert.BATCH_AXES,
+         example=lambda B, T: {
+             **{k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ('ids', 'types', 'labels')},
+             'pad': jax.ShapeDtypeStruct((B, T), jnp.bool_),
+             'mlm_mask': jax.ShapeDtypeStruct((B, T), jnp.float32),
+             'order': jax.ShapeDtypeStruct((B,), jnp.int32)},
          # BERT uses the exact erf GELU; GPT-2 the tanh approximation.
          transformer=dict(causal=False, gelu_approximate=False), check=_check_bert,
          batches=_bert_batches, needed_vocab=bert_data.vocab_size, hf=hf.BERT,

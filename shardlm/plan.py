@@ -12,6 +12,7 @@ every collective of the step with its mesh axes and bytes (optimized HLO, loops 
 trip counts), model FLOPs (Megatron's formula), and a roofline step time over the device table.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -23,7 +24,10 @@ from shardlm import config as config_lib, errors
 from shardlm.errors import ConfigError
 
 GiB = 2**30
-MAX_DEVICES = 4096  # simulated CPU devices; a 4096-device compile takes minutes
+MAX_DEVICES = 65536
+# XLA:CPU builds no program over more than 2048 devices ("Multiprocess computations aren't
+# implemented on the CPU backend"). A larger plan compiles fewer data-parallel copies (`fold`).
+SIMULATED = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +60,8 @@ DEVICES = {
 
 
 def parse(argv):
-  """(config, device name, device count, json?) from the command line; ConfigError if bad."""
+  """(config, device name, device count, json?, how many layouts a sweep compiles or None) from the
+  command line; ConfigError if bad."""
   p = errors.ArgumentParser(prog='python -m shardlm.plan', description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--devices', type=int, required=True, help='how many accelerators')
@@ -65,19 +70,44 @@ def parse(argv):
   p.add_argument('--sweep', action='store_true',
                  help='every layout of the devices (model, stage, fsdp sizes; sequence parallelism; '
                       'the least recomputation that fits; pipeline micro-batches), ranked')
+  p.add_argument('--top', type=int, default=24,
+                 help='with --sweep: compile the best TOP layouts by formula (0: every one that '
+                      'may fit); default 24')
   args, rest = p.parse_known_args(argv)
   if args.device not in DEVICES:
     raise ConfigError(f"--device={args.device} is not a device the planner knows; one of "
                       f"{', '.join(DEVICES)}")
+  if args.top < 0:
+    raise ConfigError(f'--top={args.top}: how many layouts to compile, 0 (all) or more')
   if args.devices <= 0:
     raise ConfigError(f'--devices={args.devices} must be positive')
   if args.devices > MAX_DEVICES:
-    raise ConfigError(f'--devices={args.devices}: the planner simulates at most {MAX_DEVICES} '
-                      'devices on this CPU')
+    raise ConfigError(f'--devices={args.devices}: the planner plans at most {MAX_DEVICES} devices')
   cfg = config_lib.parse_args(rest)
+  fold(cfg, args.devices)  # the mesh must divide the devices, and fit the simulation
+  if args.sweep and args.devices > SIMULATED:
+    raise ConfigError(f'--sweep simulates every layout of the {args.devices} devices, at most '
+                      f'{SIMULATED}; plan a layout of them without --sweep')
+  return cfg, args.device, args.devices, args.json, args.top if args.sweep else None
+
+
+def fold(cfg, n: int) -> int:
+  """How many data-parallel copies of the step to compile for n devices: all of them (the data
+  axis's size) up to SIMULATED devices; beyond, the most that fit, at least 2 so that the data
+  axis's collectives are in the program. Every copy runs the same program on its own rows, so
+  per-device memory, FLOPs and buffers are the same; only the data groups' sizes grow, which
+  `make_plan` puts back."""
   from shardlm import sharding
-  sharding.mesh_shape(cfg, args.devices)  # the mesh must divide the devices
-  return cfg, args.device, args.devices, args.json, args.sweep
+  data = sharding.mesh_shape(cfg, n)['data']
+  if n <= SIMULATED:
+    return data
+  inner = n // data
+  fits = [k for k in range(min(data, 2), data + 1) if data % k == 0 and inner * k <= SIMULATED]
+  if not fits:
+    raise ConfigError(f'{n} devices with {inner} per data-parallel copy: the planner compiles at '
+                      f'most {SIMULATED} devices, at least 2 copies when there are several; fewer '
+                      'model, stage, fsdp or context ways per copy would fit')
+  return max(fits)
 
 
 def main(argv=None):
@@ -87,27 +117,33 @@ def main(argv=None):
 def _main(argv):
   argv = list(sys.argv[1:] if argv is None else argv)
   cfg, device, n, as_json, sweep = parse(argv)  # bad input fails here, before any process starts
+  from shardlm import sharding
+  data, copies = sharding.mesh_shape(cfg, n)['data'], fold(cfg, n)
+  simulated = n // data * copies
   if os.environ.get('SHARDLM_PLAN_DEVICES') != str(n):
     # The plan needs n devices: a fresh process whose XLA makes that many on the CPU.
     flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
              if not f.startswith('--xla_force_host_platform_device_count')]
     env = {**os.environ, 'SHARDLM_PLAN_DEVICES': str(n), 'JAX_PLATFORMS': 'cpu',
-           'JAX_NUM_CPU_DEVICES': str(n),
-           'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])}
+           'JAX_NUM_CPU_DEVICES': str(simulated),
+           'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={simulated}'])}
     rc = subprocess.run([sys.executable, '-m', 'shardlm.plan', *argv], env=env).returncode
     if rc < 0:
       raise ConfigError(f'the planning process for {n} devices was killed by signal {-rc} '
                         '(out of memory?)')
     sys.exit(rc)
   import jax
-  if jax.device_count() != n:
-    raise ConfigError(f'the planning process has {jax.device_count()} devices, not {n}: '
+  if jax.device_count() != simulated:
+    raise ConfigError(f'the planning process has {jax.device_count()} devices, not {simulated}: '
                       'unset JAX_NUM_CPU_DEVICES and JAX_PLATFORMS')
-  if sweep:
-    plans = sweep_layouts(cfg, device, log=None if as_json else print)
+  if sweep is not None:
+    plans = sweep_layouts(cfg, device, top=sweep, log=None if as_json else print)
     print(json.dumps(plans) if as_json else ranking(plans))
     return
-  plan = make_plan(cfg, device)
+  if copies < data:  # compile `copies` of the data axis's copies, on as many of their rows
+    config_lib.override(cfg, 'mesh.data', str(copies))
+    config_lib.override(cfg, 'data.batch_size', str(cfg.data.batch_size // data * copies))
+  plan = make_plan(cfg, device, scale=data // copies)
   print(json.dumps(plan) if as_json else table(plan))
 
 
@@ -140,18 +176,18 @@ def layouts(cfg, n: int, dev: Device) -> list[dict]:
   return out
 
 
-def sweep_layouts(cfg, device: str, log=None) -> list[dict]:
-  """Plans of every layout (`layouts`) that may fit, ranked by predicted step time (those that fit
-  first). For each layout the least recomputation (none, selective, full), then the fewest
-  gradient-accumulation steps, whose formula total fits the device (with 25% to spare for the
-  formula's error) is compiled; layouts where nothing does are pruned without compiling."""
-  import copy
-
+def sweep_layouts(cfg, device: str, top: int = 24, log=None) -> list[dict]:
+  """Plans of the layouts (`layouts`) most likely to be fastest, ranked by predicted step time
+  (those that fit first). For each layout the least recomputation (none, selective, full), then the
+  fewest gradient-accumulation steps, whose formula total fits the device is chosen, or failing
+  that, one that fits with 25% to spare for the formula's error; layouts where nothing does are
+  pruned. The rest are ranked, the formula's fits first, by `analytic_step_time`, and the best
+  `top` (0: all) are compiled and planned."""
   import jax
 
   from shardlm import train
   dev, n = DEVICES[device], jax.device_count()
-  plans, pruned = [], 0
+  candidates, pruned = [], 0
 
   def with_(base, overrides):
     c = copy.deepcopy(base)
@@ -160,7 +196,7 @@ def sweep_layouts(cfg, device: str, log=None) -> list[dict]:
     return c
 
   for overrides in layouts(cfg, n, dev):
-    chosen = None
+    likely = maybe = None  # the formula's total fits the device / fits with 25% to spare
     for remat in ('none', 'selective', 'full'):
       c = with_(cfg, {**overrides, 'model.remat': remat})
       try:
@@ -171,22 +207,88 @@ def sweep_layouts(cfg, device: str, log=None) -> list[dict]:
       rows = c.data.batch_size // (c.mesh.data * c.mesh.fsdp * max(s.rt.model_config.microbatches, 1))
       for accum in (k for k in range(1, rows + 1) if rows % k == 0):
         a = with_(c, {'optimizer.grad_accum_steps': accum})  # the formula needs no new trainer
-        if params + optimizer + analytic_activations(a, s) <= 1.25 * dev.memory:
-          chosen = a
+        total = params + optimizer + analytic_activations(a, s)
+        if total <= 1.25 * dev.memory and maybe is None:
+          maybe = (True, analytic_step_time(a, s, dev, params), a)
+        if total <= dev.memory:
+          likely = (False, analytic_step_time(a, s, dev, params), a)
           break
-      if chosen is not None:
+      if likely is not None:
         break
-    if chosen is None:
+    if likely or maybe:
+      candidates.append(likely or maybe)
+    else:
       pruned += 1
-      continue
-    p = make_plan(chosen, device)
+  # The formula's likely fits first, each group by its step time.
+  candidates.sort(key=lambda c: c[:2])
+  best = candidates[:top] if top else candidates
+  plans = []
+  for _, estimate, c in best:
+    p = make_plan(c, device)
+    p['analytic_step_time_s'] = estimate
     plans.append(p)
     if log:
       log(f"  compiled {_layout(p)}: {'fits' if p['fits'] else 'does not fit'}, "
-          f"{p['step_time_s'] * 1e3:.0f} ms")
+          f"{p['step_time_s'] * 1e3:.0f} ms (by formula {estimate * 1e3:.0f} ms)")
   if log:
-    log(f'{len(plans)} layouts compiled, {pruned} pruned by the formula (no policy fits)')
+    log(f'{len(plans)} layouts compiled; {len(candidates) - len(best)} more that may fit, slower '
+        f'by formula, not compiled (--top 0 compiles them); {pruned} pruned: no policy fits')
   return sorted(plans, key=lambda p: (not p['fits'], p['step_time_s']))
+
+
+def analytic_step_time(cfg, trainer, dev: Device, params: int) -> float:
+  """A layout's roofline step time by formula, to rank layouts before compiling them: the compute
+  as `make_plan` has it, plus, each over its link, the tensor-parallel all-reduces (Megatron: two
+  per layer forward, two backward, two more when recomputed; sequence parallelism moves the same
+  bytes), the data-parallel gradient all-reduce, FSDP's gathers (forward and backward) and
+  reduce-scatter per accumulation step, the pipeline's sends per iteration and its output's
+  all-reduce, and context parallelism's all-gather of keys and values (backward: reduce-scatter)."""
+  import numpy as np
+  m, mc, shape = cfg.model, trainer.rt.model_config, dict(trainer.rt.mesh.shape)
+  n, e = math.prod(shape.values()), np.dtype(m.dtype).itemsize
+  B, T, h, L = cfg.data.batch_size, m.seq_len, m.hidden, m.num_layers
+  A, P = cfg.optimizer.grad_accum_steps, mc.stages
+  M = mc.microbatches if P > 1 else 1
+  d, f, c, t = shape['data'], shape['fsdp'], shape['context'], shape['model']
+  names = list(shape)
+
+  def link(axis):  # the bandwidth of a group along `axis`: devices in mesh order, per_host to a host
+    inner = math.prod(shape[a] for a in names[names.index(axis):])
+    return dev.inter if inner > dev.per_host else dev.intra
+
+  rows = B / (d * f) / A / M  # one micro-batch's rows on one device
+  act = rows * (T / c) * h * e  # one layer's input on one device
+  applications = A * M * L / P
+  _, compute = _compute_time(cfg, mc, dev, n)
+  comm = 0.
+  if t > 1:
+    comm += applications * (6 if m.remat == 'full' else 4) * act * 2 * (t - 1) / t / link('model')
+  if d > 1:
+    comm += params * 2 * (d - 1) / d / link('data')
+  if f > 1:
+    comm += A * 3 * params * (f - 1) / link('fsdp')
+  if P > 1:
+    iterations = A * (mc.repeats * M + P - 1)
+    comm += iterations * 2 * act / link('stage')
+    comm += A * 2 * M * act * 2 * (P - 1) / P / link('stage')
+  if c > 1:
+    comm += applications * 2 * act * 2 / t * (c - 1) / link('context')
+  return compute + comm
+
+
+def _compute_time(cfg, mc, dev: Device, n: int) -> tuple[float, float]:
+  """(Model FLOPs per step, seconds of compute per step on n devices): Megatron's formula, plus
+  the recomputation's share (all of the forward pass, a third of the FLOPs, under `full`; the
+  attention core, Megatron's T/6D term, under `selective`), at the device's peak, stretched by the
+  pipeline's bubble (it idles every stage alike). BERT's layers and head (logits at every
+  position) cost what GPT's do: the formula does not depend on the mask."""
+  from shardlm import perf
+  m, B, T = cfg.model, cfg.data.batch_size, cfg.model.seq_len
+  flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, mc.padded_vocab)
+  work = (mc.repeats * mc.microbatches + mc.stages - 1) / (mc.repeats * mc.microbatches)
+  attention = (T / (6 * m.hidden)) / (flops / (72 * B * T * m.num_layers * m.hidden**2))
+  recompute = {'none': 0., 'selective': attention / 3, 'full': 1 / 3}[m.remat]
+  return flops, flops * (1 + recompute) / n / dev.peak * work
 
 
 def _layout(p: dict) -> str:
@@ -206,28 +308,29 @@ def ranking(plans: list) -> str:
   return '\n'.join(lines)
 
 
-def make_plan(cfg, device: str) -> dict:
-  """The plan of `cfg` on every visible device, as the accelerator `device` would run it."""
+def make_plan(cfg, device: str, scale: int = 1) -> dict:
+  """The plan of `cfg` on every visible device, as the accelerator `device` would run it; with
+  `scale` > 1 the mesh compiled is one of `scale` equal parts of the data axis (`fold`), and the
+  plan is of the whole: `scale` times the devices and the batch, data groups `scale` times larger."""
   import jax
-  import jax.numpy as jnp
 
-  from shardlm import hlo, perf, train
+  from shardlm import hlo, train
   dev = DEVICES[device]
-  if cfg.model.kind != 'gpt':
-    raise ConfigError(f"model.kind='{cfg.model.kind}': the planner takes GPT configs so far")
   s = train.setup(cfg)
   mesh, B, T = s.rt.mesh, cfg.data.batch_size, cfg.model.seq_len
   state = jax.eval_shape(s.init)
-  tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+  example = s.rt.kind.example(B, T)
   try:
-    compiled = s.step.lower(state, tokens).compile()
+    compiled = s.step.lower(state, example).compile()
   except jax.errors.JaxRuntimeError as e:  # the layout passed the checks but XLA cannot build it
     raise ConfigError(f'the step does not compile on mesh {dict(mesh.shape)}: '
                       f"{(str(e).splitlines() or ['no message'])[0]}") from None
   mem = compiled.memory_analysis()
   params, optimizer = state_bytes(s, state)
   grads = params  # one gradient per parameter, in its dtype and sharding
-  batch = math.prod(s.rt.batch_sharding.shard_shape(tokens.shape)) * tokens.dtype.itemsize
+  batch = sum(jax.tree.leaves(jax.tree.map(
+      lambda x, sh: math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize, example,
+      s.rt.batch_sharding)))
   temps = mem.temp_size_in_bytes
   analytic = analytic_activations(cfg, s)
   # XLA:CPU computes bfloat16 and float16 in float32: its temporaries then overstate a GPU's or
@@ -237,20 +340,19 @@ def make_plan(cfg, device: str) -> dict:
   takes = 'compiled' if not half else 'formula' if analytic >= temps // 2 else 'compiled / 2'
   total = params + optimizer + batch + verdict  # the gradients live among the temporaries
   m = cfg.model
-  flops = perf.gpt_flops_per_step(B, T, m.num_layers, m.hidden, s.rt.model_config.padded_vocab)
-  colls = collectives(hlo.parse(compiled.as_text()), mesh, dev)
-  n = mesh.devices.size
+  B *= scale
+  colls = collectives(hlo.parse(compiled.as_text()), mesh, dev, scale)
+  n = mesh.devices.size * scale
   mc = s.rt.model_config
-  work = (mc.repeats * mc.microbatches + mc.stages - 1) / (mc.repeats * mc.microbatches)
-  # Recomputation repeats part of the forward pass (a third of the model FLOPs): all of it under
-  # `full`, the attention core (Megatron's T/6D term) under `selective`.
-  attention = (T / (6 * m.hidden)) / (flops / (72 * B * T * m.num_layers * m.hidden**2))
-  recompute = {'none': 0., 'selective': attention / 3, 'full': 1 / 3}[m.remat]
-  compute = flops * (1 + recompute) / n / dev.peak * work  # the bubble idles every stage alike
+  whole = copy.deepcopy(cfg)  # the batch of all the data copies
+  config_lib.override(whole, 'data.batch_size', str(B))
+  flops, compute = _compute_time(whole, mc, dev, n)
   comm = sum(c['seconds'] for c in colls)
   step = compute + comm  # no overlap assumed: an upper bound on the roofline
+  shape = dict(mesh.shape)
   return {
-      'config': cfg.name, 'device': device, 'devices': n, 'mesh': dict(mesh.shape),
+      'config': cfg.name, 'device': device, 'devices': n,
+      'mesh': {**shape, 'data': shape['data'] * scale}, 'compiled_mesh': shape,
       'preset': cfg.sharding.preset, 'remat': m.remat,
       'accumulation': cfg.optimizer.grad_accum_steps,
       'microbatches': mc.microbatches if mc.stages > 1 else 0,
@@ -329,12 +431,13 @@ def analytic_activations(cfg, trainer) -> int:
   return int(applications * (layer(*KEPT[m.remat]) + cast) + params + working + logits)
 
 
-def collectives(module, mesh, dev: Device) -> list:
+def collectives(module, mesh, dev: Device, scale: int = 1) -> list:
   """The step's collectives grouped by kind and mesh axes: how many run per step (loops counted by
   their trip counts), the bytes of their whole buffers, whether a group crosses hosts (devices in
   mesh order, `dev.per_host` to a host), and their time at that link's bandwidth with ring
   algorithms (an all-reduce sends 2 (n-1)/n of its buffer per device, an all-gather,
-  reduce-scatter or all-to-all (n-1)/n, a collective-permute all of it)."""
+  reduce-scatter or all-to-all (n-1)/n, a collective-permute all of it). `scale`: the mesh is
+  one of that many parts of the data axis; a group over `data` has `scale` times the devices."""
   import numpy as np
   position = {d.id: np.unravel_index(k, mesh.devices.shape) for k, d in enumerate(mesh.devices.flat)}
   host = {d.id: k // dev.per_host for k, d in enumerate(mesh.devices.flat)}
@@ -353,7 +456,7 @@ def collectives(module, mesh, dev: Device) -> list:
     axes = tuple(name for d, name in enumerate(mesh.axis_names)
                  if any(len({position[x][d] for x in g}) > 1 for g in groups)) if known else ('unknown',)
     across = any(len({host[x] for x in g}) > 1 for g in groups)
-    n = len(groups[0])
+    n = len(groups[0]) * (scale if 'data' in axes else 1)
     sizes = [math.prod(dims) * _ITEM.get(dtype, 4) for dtype, dims in i.shapes]
     # An async start's tuple is (operand, result): the larger is the buffer; a combined
     # collective's tuple holds several buffers. A reduce-scatter's result is 1/n of its buffer.
@@ -383,6 +486,9 @@ def table(plan: dict) -> str:
   mesh = ' x '.join(f'{k}={v}' for k, v in plan['mesh'].items())
   verdict = 'fits' if plan['fits'] else 'DOES NOT FIT'
   lines = [f"plan: {plan['config']} on {plan['devices']} x {plan['device']}; mesh {mesh}",
+           *([f"  (compiled for data={plan['compiled_mesh']['data']} of the data axis's "
+              f"{plan['mesh']['data']} copies, each running the same program; the data groups' "
+              "collectives scaled to the whole)"] if plan['compiled_mesh'] != plan['mesh'] else []),
            'per device:',
            f"  parameters          {gib(b['params'])}",
            f"  gradients           {gib(b['grads'])}   (inside the temporaries while the step runs)",
