@@ -31,6 +31,10 @@ def defaults() -> ml_collections.ConfigDict:
                  # layers, which is faster on CPU for small models (no stacked residual buffers).
                  scan_layers=True,
                  post_ln=False,  # BERT only: LayerNorm after each residual add (original BERT)
+                 # Dropout in training only (Megatron's recipes: 0.1 for both): `dropout` on the
+                 # embeddings and on each attention and MLP output, `attention_dropout` on the
+                 # attention probabilities. Its randomness is a pure function of (train.seed, step).
+                 dropout=0.0, attention_dropout=0.0,
                  # Pipeline (mesh.stage = P > 1): M micro-batches (0: M = P), R circular repeats
                  # (1: GPipe); the bubble is (P - 1) / (R M + P - 1). docs/pipeline.md.
                  pipeline_microbatches=0, pipeline_repeats=1),

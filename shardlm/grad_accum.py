@@ -13,19 +13,21 @@ def split(batch, k: int, constrain=None):
   return constrain(micro) if constrain else micro
 
 
-def value_and_grad(fn, params, batch, k: int, constrain=None):
-  """Mean of `fn(params, micro) -> (value, grads)` over k micro-batches of `batch`.
+def value_and_grad(fn, params, batch, k: int, constrain=None, indexed=False):
+  """Mean of `fn(params, micro) -> (value, grads)` over k micro-batches of `batch`; with
+  `indexed`, `fn(params, micro, i)` also gets the micro-batch's index (0 when k = 1).
 
   `value` may be any tree (the loss and its metrics). k = 1 calls fn once on the whole batch.
   Memory holds one micro-batch's activations and one running sum of the gradients.
   """
+  call = fn if indexed else lambda p, b, i: fn(p, b)
   if k == 1:
-    return fn(params, batch)
+    return call(params, batch, 0)
   micro = split(batch, k, constrain)
 
-  def body(acc, b):
-    return jax.tree.map(jnp.add, acc, fn(params, b)), None
+  def body(acc, xs):
+    return jax.tree.map(jnp.add, acc, call(params, *xs)), None
   first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(fn, params, first))
-  total, _ = jax.lax.scan(body, zeros, micro)
+  zeros = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(call, params, first, 0))
+  total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
   return jax.tree.map(lambda x: x / k, total)

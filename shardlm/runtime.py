@@ -55,10 +55,11 @@ class Runtime:
     with self.rules_active():
       return getattr(nnx.merge(self.graphdef, params), method)(*args, **kwargs)
 
-  def objective(self, params, batch):
-    """(loss, extra metrics) of one batch: the kind's training objective."""
+  def objective(self, params, batch, key=None):
+    """(loss, extra metrics) of one batch: the kind's training objective; `key`: dropout's
+    (training only)."""
     with self.rules_active():
-      return self.kind.objective(nnx.merge(self.graphdef, params), batch)
+      return self.kind.objective(nnx.merge(self.graphdef, params), batch, key)
 
   def constrain(self, x, names):
     """Pins an array to the layout its logical names map to (inside a traced function)."""
@@ -150,7 +151,22 @@ def check_model(cfg, shape: dict, rules) -> None:
                       "causal ring attention cuts the sequence into 2 chunks per device (each "
                       "device takes an early and a late one, for equal work)")
   check_pipeline(m, shape.get('stage', 1))
+  check_dropout(m, shape.get('stage', 1), length)
   kind.check(cfg)
+
+
+def check_dropout(m, stages: int, length: int) -> None:
+  for key in ('dropout', 'attention_dropout'):
+    if not 0 <= m[key] < 1:
+      raise ConfigError(f'model.{key}={m[key]} must be in [0, 1) (Megatron fine-tuning: 0.1)')
+  if (m.dropout or m.attention_dropout) and stages > 1:
+    raise ConfigError(f'model.dropout={m.dropout}, model.attention_dropout={m.attention_dropout}: '
+                      'dropout under the pipeline (mesh.stage > 1) is not built yet; set both to 0 '
+                      'or mesh.stage=1')
+  if m.attention_dropout and (m.attention != 'dense' or (length > 1 and m.context_attention == 'ring')):
+    raise ConfigError(f'model.attention_dropout={m.attention_dropout} needs model.attention=dense '
+                      "with the keys whole (not model.context_attention='ring' under context "
+                      'parallelism); model.dropout works with every kernel')
 
 
 def pipeline_shape(model_cfg, stages: int) -> dict:

@@ -120,11 +120,19 @@ def setup(cfg, devices=None) -> Trainer:
       state['loss_scale'] = optim.loss_scale_init(cfg.optimizer)
     return state
 
-  def grads(params, batch, scale):
-    """Mean loss, metrics and gradients over the batch, in grad_accum_steps micro-batches."""
-    def loss_and_grads(p, b):
+  dropout = rt.model_config.dropout or rt.model_config.attention_dropout
+
+  def grads(params, batch, scale, step=None):
+    """Mean loss, metrics and gradients over the batch, in grad_accum_steps micro-batches. With
+    dropout and a `step`, micro-batch i draws from (train.seed, step, i): a resumed run draws
+    the same masks as an uninterrupted one."""
+    def loss_and_grads(p, b, i):
+      key = None
+      if dropout and step is not None:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), step), i)
+
       def scaled_loss(p):
-        loss, extra = rt.objective(p, b)
+        loss, extra = rt.objective(p, b, key)
         return loss * scale, (loss, extra)
       (_, out), g = jax.value_and_grad(scaled_loss, has_aux=True)(p)
       return out, g
@@ -133,13 +141,13 @@ def setup(cfg, devices=None) -> Trainer:
       return jax.tree.map(lambda x, names: rt.constrain(x, (None, *names)), micro,
                           rt.kind.batch_axes, is_leaf=lambda x: isinstance(x, tuple))
     (loss, extra), g = grad_accum.value_and_grad(loss_and_grads, params, batch,
-                                                 cfg.optimizer.grad_accum_steps, pin)
+                                                 cfg.optimizer.grad_accum_steps, pin, indexed=True)
     return loss, extra, jax.tree.map(lambda x: x / scale, g)
 
   def train_step(state, batch):
     """A pure (state, batch) -> (state, metrics); metrics stay on device."""
     scale = state['loss_scale']['scale'] if scaled else jnp.float32(1)
-    loss, extra, g = grads(state['params'], batch, scale)
+    loss, extra, g = grads(state['params'], batch, scale, state['step'])
     updates, opt_state = tx.update(g, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}

@@ -58,15 +58,17 @@ TINY = ['--config.optimizer.decay_steps=20', '--config.data.batch_size=8', '--co
 
 @pytest.fixture(scope='module')
 def resumed(tmp_path_factory):
-  """A 20-step run, and a 10-step run that a fresh process then resumes to step 20."""
+  """A 20-step run, and a 10-step run that a fresh process then resumes to step 20; both with
+  dropout, whose masks must come out the same after the resume."""
   tmp = tmp_path_factory.mktemp('exact')
   e = env(tmp)
-  full = subprocess.Popen(train_cmd(tmp / 'full', '--config.train.steps=20', *TINY), env=e,
+  args = [*TINY, '--config.model.dropout=0.1', '--config.model.attention_dropout=0.1']
+  full = subprocess.Popen(train_cmd(tmp / 'full', '--config.train.steps=20', *args), env=e,
                           cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  first = subprocess.run(train_cmd(tmp / 'split', '--config.train.steps=10', *TINY), env=e, cwd=tmp,
+  first = subprocess.run(train_cmd(tmp / 'split', '--config.train.steps=10', *args), env=e, cwd=tmp,
                          capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
-  second = subprocess.run(train_cmd(tmp / 'split', '--config.train.steps=20', *TINY), env=e, cwd=tmp,
+  second = subprocess.run(train_cmd(tmp / 'split', '--config.train.steps=20', *args), env=e, cwd=tmp,
                           capture_output=True, text=True, timeout=300)
   assert second.returncode == 0, second.stderr[-3000:]
   out, err = full.communicate(timeout=300)

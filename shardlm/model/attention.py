@@ -16,7 +16,7 @@ QKV = ('batch', 'length', 'act_heads', None)  # [B, T, N, H] queries, keys, valu
 
 
 def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0, mask=None,
-           context='allgather', zigzag=False):
+           context='allgather', zigzag=False, dropout=None):
   """Scaled dot-product attention over [B, T, N, H] queries, keys and values.
 
   `dense` attends to every earlier position (or every position, if not causal);
@@ -26,14 +26,19 @@ def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0, mask=
   When the layout splits T (`length`) over devices (context parallelism), dense attention
   gathers the keys and values (`context='allgather'`) or passes their blocks round the devices
   (`'ring'`; with `zigzag` the sequence is in `to_zigzag` order); local attention exchanges a
-  halo of W positions with the previous device.
+  halo of W positions with the previous device. `dropout`: None, or (rate, key) for dropout on
+  the attention probabilities (dense attention with the keys whole only).
   """
   if q_btnh.dtype == jnp.float16 and jax.default_backend() == 'cpu':
     # XLA:CPU has no float16 matmul accumulating in float32, which the float32 softmax needs.
     out = attend(*(x.astype(jnp.float32) for x in (q_btnh, k_btnh, v_btnh)), kind=kind,
-                 causal=causal, window=window, mask=mask, context=context, zigzag=zigzag)
+                 causal=causal, window=window, mask=mask, context=context, zigzag=zigzag,
+                 dropout=dropout)
     return out.astype(jnp.float16)
   split = axes.ways('length') > 1
+  if dropout is not None and (kind != 'dense' or (split and context == 'ring')):
+    raise ValueError('attention dropout needs dense attention with the keys whole '
+                     '(runtime.check_model refuses the rest)')
   if kind == 'dense':
     if split and context == 'ring':
       return ring_attention(q_btnh, k_btnh, v_btnh, causal=causal, mask=mask, zigzag=zigzag)
@@ -41,6 +46,8 @@ def attend(q_btnh, k_btnh, v_btnh, *, kind='dense', causal=True, window=0, mask=
       raise ValueError(f"context attention '{context}' is not one of {', '.join(CONTEXT)}")
     if split:  # queries stay split on T; keys and values are gathered whole
       k_btnh, v_btnh = (axes.constrain(x, ('batch', None, 'act_heads', None)) for x in (k_btnh, v_btnh))
+    if dropout is not None:
+      return _dense_dropout(q_btnh, k_btnh, v_btnh, causal, mask, *dropout)
     return _dense(q_btnh, k_btnh, v_btnh, causal, mask)
   if kind == 'local':
     if not causal or mask is not None:
@@ -90,6 +97,32 @@ def _dense(q_btnh, k_btnh, v_btnh, causal, mask):
       _warn_once(f'cuDNN flash attention unavailable for {q_btnh.dtype} {q_btnh.shape}: '
                  f'{str(e).splitlines()[0]}; using XLA attention')
   return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask, is_causal=causal)
+
+
+def _dense_dropout(q_btnh, k_btnh, v_btnh, causal, mask, rate, key):
+  """XLA attention with dropout on the probabilities (training): softmax in float32, then each
+  probability zeroed with probability `rate` and the rest scaled by 1 / (1 - rate)."""
+  T, S, H = q_btnh.shape[1], k_btnh.shape[1], q_btnh.shape[-1]
+  s_bnts = jnp.einsum('btnh,bsnh->bnts', q_btnh, k_btnh, preferred_element_type=jnp.float32)
+  s_bnts = s_bnts / jnp.sqrt(jnp.float32(H))
+  allowed = jnp.ones((1, 1, T, S), bool) if mask is None else mask
+  if causal:
+    allowed = allowed & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
+  # A finite floor, not -inf: a row with no key (padding) gives 0 and finite gradients.
+  p_bnts = jax.nn.softmax(jnp.where(allowed, s_bnts, jnp.finfo(jnp.float32).min), axis=-1)
+  p_bnts = jnp.where(allowed, p_bnts, 0)
+  p_bnts = dropout(p_bnts, rate, key).astype(v_btnh.dtype)
+  return jnp.einsum('bnts,bsnh->btnh', p_bnts, v_btnh)
+
+
+def dropout(x, rate: float, key):
+  """Zeroes each element with probability `rate` and scales the rest by 1 / (1 - rate); the
+  identity when `key` is None (evaluation) or the rate is 0. The bits come from JAX's
+  partitionable threefry: the same on every layout."""
+  if key is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1 - rate, x.shape)
+  return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
 
 
 @functools.cache

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shardlm.model.gpt import lm_loss
+from shardlm.model.attention import dropout
 from shardlm.model.layers import RESIDUAL, Embed, LayerNorm, project
 from shardlm.model.transformer import Stack, TransformerConfig
 from shardlm.model.axes import constrain
@@ -45,15 +46,18 @@ class BERT(nnx.Module):
     self.pooler = _dense(rngs, c.hidden, c.hidden, ('embed', None), std, pdtype)
     self.sop = _dense(rngs, c.hidden, 2, ('embed', None), std, pdtype)
 
-  def __call__(self, ids_bt, types_bt, pad_bt):
+  def __call__(self, ids_bt, types_bt, pad_bt, key=None):
     c = self.config
     T = ids_bt.shape[1]
     x_btd = (self.wte(ids_bt) + self.wpe[...][:T].astype(c.dtype)
              + jnp.take(self.wtt[...].astype(c.dtype), types_bt, axis=0))
     if self.ln_e is not None:
       x_btd = self.ln_e(x_btd)
+    if key is not None:  # dropout (training only)
+      x_btd = dropout(x_btd, c.dropout, jax.random.fold_in(key, 0))
+      key = jax.random.fold_in(key, 1)
     mask = pad_bt[:, None, None, :]  # [B, 1, 1, T]: every query sees every real key
-    x_btd = self.h(constrain(x_btd, RESIDUAL), mask=mask)
+    x_btd = self.h(constrain(x_btd, RESIDUAL), mask=mask, key=key)
     if self.ln_f is not None:
       x_btd = self.ln_f(x_btd)
 
@@ -74,6 +78,6 @@ def bert_loss(mlm_btv, sop_b2, batch, vocab_size):
   return mlm + sop, {'mlm_loss': mlm, 'sop_loss': sop, 'sop_acc': acc}
 
 
-def objective(model: BERT, batch):
-  mlm_btv, sop_b2 = model(batch['ids'], batch['types'], batch['pad'])
+def objective(model: BERT, batch, key=None):
+  mlm_btv, sop_b2 = model(batch['ids'], batch['types'], batch['pad'], key)
   return bert_loss(mlm_btv, sop_b2, batch, model.config.vocab_size)

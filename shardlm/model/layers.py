@@ -104,7 +104,7 @@ class SelfAttention(nnx.Module):
   """Fused Q/K/V [D, 3, N, H] and output [N, H, D] projections, split over heads."""
 
   def __init__(self, hidden, num_heads, *, std, out_std, causal, kind, window, dtype, param_dtype,
-               rngs, context='allgather'):
+               rngs, context='allgather', attention_dropout=0.0):
     head_dim = hidden // num_heads
     # [D, 3, N, H] is GPT-2's c_attn [D, 3D] reshaped, so weights map one to one.
     self.qkv = nnx.Dict(
@@ -117,8 +117,9 @@ class SelfAttention(nnx.Module):
         bias=_zeros((hidden,), ('embed',), param_dtype))
     self.causal, self.kind, self.window, self.dtype = causal, kind, window, dtype
     self.context = context  # dense attention under context parallelism: allgather | ring
+    self.rate = attention_dropout  # on the attention probabilities, in training (dense attention only)
 
-  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
+  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None, key=None):
     """`local` (a traced bool) picks the kernel per layer when kind is 'alternating';
     `mask` [B, 1, 1, T] (True = attend) hides padding keys. With a `cache` ({'k', 'v'}, each
     [L, B, S, N, H], all layers) the new keys and values are written at layer `decode['layer']`,
@@ -135,9 +136,10 @@ class SelfAttention(nnx.Module):
       o_btnh, cache = self._attend_cached(q_btnh, k_btnh, v_btnh, local, cache, decode)
     else:
       zigzag = attention.uses_zigzag(self.kind, self.causal, self.context)
+      drop = None if key is None or not self.rate else (self.rate, key)
       core = lambda kind: lambda q, k, v: attention.attend(
           q, k, v, kind=kind, causal=self.causal, window=self.window, mask=mask,
-          context=self.context, zigzag=zigzag)
+          context=self.context, zigzag=zigzag, dropout=drop)
       if self.kind == 'alternating':
         o_btnh = jax.lax.cond(local, core('local'), core('dense'), q_btnh, k_btnh, v_btnh)
       else:

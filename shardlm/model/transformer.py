@@ -9,6 +9,7 @@ from flax import nnx
 
 from shardlm.model import pipeline
 from shardlm.model.axes import constrain
+from shardlm.model.attention import dropout
 from shardlm.model.layers import MLP, RESIDUAL, LayerNorm, SelfAttention
 
 # What each remat policy keeps from the forward pass; everything else is recomputed.
@@ -41,6 +42,8 @@ class TransformerConfig:
   post_ln: bool = False     # LayerNorm after each residual add (original BERT) instead of before
   gelu_approximate: bool = True  # GPT-2's tanh GELU; BERT uses the exact erf form
   type_vocab: int = 2       # BERT's token types (segments)
+  dropout: float = 0.0      # training only: embeddings, attention and MLP outputs
+  attention_dropout: float = 0.0  # training only: attention probabilities
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   stages: int = 1           # P > 1: the pipeline runner; the layer stack stored stage-major
@@ -63,7 +66,8 @@ class TransformerConfig:
                padded_vocab=padded_vocab, init_std=m.init_std, ln_eps=m.ln_eps, remat=m.remat,
                attention=m.attention, window=m.window,
                context_attention=m.context_attention, scan_layers=m.scan_layers,
-               post_ln=m.post_ln, dtype=m.dtype, param_dtype=m.param_dtype, **fixed)
+               post_ln=m.post_ln, dropout=m.dropout, attention_dropout=m.attention_dropout,
+               dtype=m.dtype, param_dtype=m.param_dtype, **fixed)
 
 
 class Block(nnx.Module):
@@ -76,30 +80,33 @@ class Block(nnx.Module):
     self.ln_1 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.attn = SelfAttention(c.hidden, c.num_heads, std=c.init_std, out_std=out_std,
                               causal=c.causal, kind=c.attention, window=c.window, dtype=dtype,
-                              param_dtype=pdtype, rngs=rngs, context=c.context_attention)
+                              param_dtype=pdtype, rngs=rngs, context=c.context_attention,
+                              attention_dropout=c.attention_dropout)
     self.ln_2 = LayerNorm(c.hidden, eps=c.ln_eps, param_dtype=pdtype)
     self.mlp = MLP(c.hidden, c.mlp_dim, std=c.init_std, out_std=out_std,
                    gelu_approximate=c.gelu_approximate, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-    self.post_ln = c.post_ln
+    self.post_ln, self.rate = c.post_ln, c.dropout
 
-  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None):
-    """With a key/value `cache` (decoding) returns (x, updated cache)."""
+  def __call__(self, x_btd, local=None, mask=None, cache=None, decode=None, key=None):
+    """With a key/value `cache` (decoding) returns (x, updated cache). `key`: dropout's (training
+    only; None: none)."""
     new_cache = None
+    keys = [None] * 3 if key is None else [jax.random.fold_in(key, i) for i in range(3)]
 
     def attn(x):
       nonlocal new_cache
-      out = self.attn(x, local, mask, cache, decode)
-      if cache is None:
-        return out
-      out, new_cache = out
-      return out
+      out = self.attn(x, local, mask, cache, decode, key=keys[0])
+      if cache is not None:
+        out, new_cache = out
+      return dropout(out, self.rate, keys[1])
 
+    mlp = lambda x: dropout(self.mlp(x), self.rate, keys[2])
     if self.post_ln:
       x_btd = self.ln_1(x_btd + attn(x_btd))
-      x_btd = self.ln_2(x_btd + self.mlp(x_btd))
+      x_btd = self.ln_2(x_btd + mlp(x_btd))
     else:
       x_btd = x_btd + attn(self.ln_1(x_btd))
-      x_btd = x_btd + self.mlp(self.ln_2(x_btd))
+      x_btd = x_btd + mlp(self.ln_2(x_btd))
     x_btd = constrain(x_btd, RESIDUAL)
     return x_btd if cache is None else (x_btd, new_cache)
 
@@ -122,8 +129,9 @@ class Stack(nnx.Module):
       state = nnx.state(self.blocks, nnx.Param)
       nnx.update(self.blocks, jax.tree.map(lambda a: a[c.layer_order], state))
 
-  def __call__(self, x_btd, mask=None, cache=None, decode=None):
-    """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache).
+  def __call__(self, x_btd, mask=None, cache=None, decode=None, key=None):
+    """With a `cache` ({'k', 'v'}, each [L, B, S, N, H]) returns (x, updated cache). `key`:
+    dropout's, folded with each layer's index (training only; None: no dropout).
 
     Decoding carries the whole stacked cache from layer to layer, and layer i writes only its
     new positions into it (decode['layer'] = i): with the cache donated, XLA updates it in
@@ -147,8 +155,8 @@ class Stack(nnx.Module):
           (x_btd, cache), _ = decode_layer((x_btd, cache), jax.tree.map(lambda a: a[i], xs))
       return x_btd, cache
 
-    def block(x_btd, params, is_local, mask):
-      return nnx.merge(graphdef, params)(x_btd, is_local, mask)
+    def block(x_btd, params, is_local, mask, key=None):
+      return nnx.merge(graphdef, params)(x_btd, is_local, mask, key=key)
 
     def remat(f):
       saved = _SAVED[c.remat]
@@ -158,16 +166,22 @@ class Stack(nnx.Module):
       return jax.checkpoint(f, policy=policy, prevent_cse=False)
 
     if c.stages > 1:
+      if key is not None and (c.dropout or c.attention_dropout):
+        raise ValueError('dropout under the pipeline is not built (runtime.check_model refuses it)')
       # Each parameter's logical names, as its module declared them (`layers` first).
       names = jax.tree.map(lambda v: tuple(v.get_metadata()['out_sharding']), layer_params,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
       return pipeline.run(block, remat, layer_params, names, x_btd, mask, stages=c.stages,
                           repeats=c.repeats, microbatches=c.microbatches, scan=c.scan_layers)
     layer = remat(block)
+    # Layer i's dropout draws from fold_in(key, i): recomputation (remat) draws the same masks.
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        jnp.arange(c.num_layers))
     if c.scan_layers:
-      x_btd, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs, mask), None), x_btd,
-                              (layer_params, local))
+      x_btd, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs[:2], mask, xs[2]), None), x_btd,
+                              (layer_params, local, keys))
     else:  # unrolled: compile time grows with depth, but no stacking of saved activations
       for i in range(c.num_layers):
-        x_btd = layer(x_btd, *jax.tree.map(lambda a: a[i], (layer_params, local)), mask)
+        x_btd = layer(x_btd, *jax.tree.map(lambda a: a[i], (layer_params, local)), mask,
+                      None if keys is None else keys[i])
     return x_btd
