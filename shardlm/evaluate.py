@@ -7,16 +7,23 @@ bits per byte, and word-level perplexity (total loss over the text's whitespace 
 
 lambada: last-word accuracy, teacher-forced, where a hit needs every token of the last word
 to be the model's top prediction (Megatron's strict LAMBADA).
+
+generate: JSONL of {"prompt": ..., "completion": ...}; generates for every prompt in batches
+(greedy unless --temperature), stopping at end-of-document or --max-tokens, and scores the
+outputs against the completions with --metrics: bleu and chrf (sacrebleu, its signature
+printed), rouge (rouge-score's rouge1/2/L/Lsum F-measure), exact (share equal after strip).
 """
 import argparse
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from shardlm import distributed, errors, inference
+from shardlm import distributed, errors, generate, inference, metrics
 from shardlm.errors import ConfigError
 
 
@@ -76,8 +83,74 @@ def lambada(score, examples: list[str], tokenizer, seq_len: int, batch_size: int
   return {'examples': len(examples), 'accuracy': hits / len(examples)}
 
 
+@dataclasses.dataclass
+class Example:
+  """One line of a generation task: the prompt, fed as is, and the reference to score against."""
+  line: int
+  prompt: str
+  reference: str
+
+
+def generation(model, examples: list[Example], path: Path, metric_names, batch_size: int,
+               max_tokens: int = 0, stop_at_newline: bool = False, **sampling):
+  """Outputs for every example's prompt, scored against its reference: (result, outputs).
+
+  `max_tokens` 0: as many as the longest prompt leaves room for, up to 200. An output is the
+  decoded new tokens without end-of-document, stripped; with `stop_at_newline` only its first
+  line.
+  """
+  tok, T = model.tokenizer, model.cfg.model.seq_len
+  prompts = [tok.encode(e.prompt) for e in examples]
+  for e, p in zip(examples, prompts):
+    if len(p) == 0:
+      raise ConfigError(f'{path}:{e.line}: the prompt encodes to no token; give it some text')
+  longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+  n, room = examples[longest].line, T - len(prompts[longest])
+  if room < 1:
+    raise ConfigError(f"{path}:{n}: a prompt of {len(prompts[longest])} tokens leaves no room in the "
+                      f"model's {T} positions; shorten it")
+  max_tokens = max_tokens or min(200, room)
+  if max_tokens > room:
+    raise ConfigError(f'{path}:{n}: a prompt of {len(prompts[longest])} tokens + --max-tokens '
+                      f"{max_tokens} exceeds the model's {T} positions; shorten the prompt or "
+                      f'--max-tokens (at most {room})')
+  gen = generate.Generator(model.rt, model.params, tok.eod_id)
+  new = generate.in_batches(gen, prompts, batch_size, max_tokens, **sampling)
+  outputs = []
+  for ids in new:
+    text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids).strip()
+    outputs.append(text.split('\n', 1)[0].strip() if stop_at_newline else text)
+  result = {'examples': len(examples), 'max_tokens': max_tokens,
+            'generated_tokens': int(sum(len(ids) for ids in new)),
+            **metrics.score(outputs, [e.reference for e in examples], metric_names)}
+  return result, outputs
+
+
+def _example(path: Path, n: int, line: str) -> Example:
+  """Line `n` of a generation task's JSONL, checked."""
+  valid = 'each line is one JSON object {"prompt": "...", "completion": "..."}'
+  try:
+    obj = json.loads(line)
+  except ValueError as e:
+    raise ConfigError(f'{path}:{n}: not JSON ({e.msg}, column {e.colno}); {valid}') from None
+  if not isinstance(obj, dict):
+    raise ConfigError(f'{path}:{n}: a JSON {type(obj).__name__}, not an object; {valid}')
+  for key in ('prompt', 'completion'):
+    if key not in obj:
+      raise ConfigError(f'{path}:{n}: no "{key}" key (it has {", ".join(map(repr, obj)) or "none"}); '
+                        f'{valid}')
+    if not isinstance(obj[key], str):
+      raise ConfigError(f'{path}:{n}: "{key}" is a JSON {type(obj[key]).__name__}, not a string; {valid}')
+  if not obj['prompt']:
+    raise ConfigError(f'{path}:{n}: empty "prompt"; generation needs some text to continue')
+  if not obj['completion'].strip():
+    raise ConfigError(f'{path}:{n}: empty "completion"; the reference to score against needs text')
+  return Example(n, obj['prompt'], obj['completion'].strip())
+
+
 def read_data(path: Path, task: str):
-  """The --data file, checked: UTF-8 text for ppl, JSONL of {"text": ...} for lambada."""
+  """The --data file, checked: UTF-8 text for ppl, JSONL of {"text": ...} for lambada, JSONL of
+  {"prompt": ..., "completion": ...} for generate (every line, before anything is loaded)."""
   if not path.is_file():
     raise ConfigError(f'--data {path}: no such file')
   try:
@@ -88,19 +161,25 @@ def read_data(path: Path, task: str):
     raise ConfigError(f'--data {path} is empty')
   if task == 'ppl':
     return content
+  lines = [(n, line) for n, line in enumerate(content.split('\n'), 1) if line.strip()]  # JSONL: \n only
+  if task == 'generate':
+    return [_example(path, n, line) for n, line in lines]
   examples = []
-  for n, line in enumerate(content.splitlines(), 1):
-    if line.strip():
-      try:
-        example = json.loads(line)['text']
-      except (ValueError, KeyError, TypeError):
-        example = None
-      if not isinstance(example, str):
-        raise ConfigError(f'{path}:{n}: not a JSON object with a "text" string')
-      examples.append(example)
+  for n, line in lines:
+    try:
+      example = json.loads(line)['text']
+    except (ValueError, KeyError, TypeError):
+      example = None
+    if not isinstance(example, str):
+      raise ConfigError(f'{path}:{n}: not a JSON object with a "text" string')
+    examples.append(example)
   if any(' ' not in e.strip() for e in examples):
     raise ConfigError(f'{path}: every example needs a context and a last word')
   return examples
+
+
+GENERATE_FLAGS = ('metrics', 'max_tokens', 'stop_at_newline', 'out', 'temperature', 'top_k', 'top_p',
+                  'seed')
 
 
 def main(argv=None):
@@ -111,10 +190,22 @@ def _main(argv):
   parser = errors.ArgumentParser(prog='python -m shardlm.evaluate', description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='run or checkpoint directory')
-  parser.add_argument('--task', choices=('ppl', 'lambada'), required=True)
-  parser.add_argument('--data', required=True, help='ppl: a text file; lambada: JSONL with "text"')
+  parser.add_argument('--task', choices=('ppl', 'lambada', 'generate'), required=True)
+  parser.add_argument('--data', required=True, help='ppl: a text file; lambada: JSONL with "text"; '
+                      'generate: JSONL with "prompt" and "completion"')
   parser.add_argument('--stride', type=int, default=None, help='ppl window stride (default T/2)')
   parser.add_argument('--batch-size', type=int, default=8)
+  gen = parser.add_argument_group('--task generate')  # the flags of GENERATE_FLAGS
+  gen.add_argument('--metrics', default='bleu,rouge,exact',
+                   help=f'comma-separated, of {",".join(metrics.METRICS)}')
+  gen.add_argument('--max-tokens', type=int, default=0,
+                   help='new tokens per prompt (default: up to 200, as many as the positions allow)')
+  gen.add_argument('--stop-at-newline', action='store_true', help='keep only the first line of an output')
+  gen.add_argument('--out', help='write the generations here as JSONL (prompt, reference, output)')
+  gen.add_argument('--temperature', type=float, default=0.0, help='0 (default) for greedy')
+  gen.add_argument('--top-k', type=int, default=0)
+  gen.add_argument('--top-p', type=float, default=1.0)
+  gen.add_argument('--seed', type=int, default=0)
   args, overrides = parser.parse_known_args(argv)
   if args.batch_size < 1:
     raise ConfigError(f'--batch-size {args.batch_size} must be >= 1')
@@ -125,21 +216,55 @@ def _main(argv):
                 'a stride >= 1')
   if args.stride is not None and args.task != 'ppl':
     errors.warn(f'--stride is for --task ppl; --task {args.task} ignores it')
+  given = [d for d in GENERATE_FLAGS if getattr(args, d) != parser.get_default(d)]
+  if args.task != 'generate' and given:
+    errors.warn(f'--{given[0].replace("_", "-")} is for --task generate; --task {args.task} ignores it')
+  names = [m.strip() for m in args.metrics.split(',') if m.strip()]
+  if args.task == 'generate':
+    generate.check_sampling(args)
+    unknown = [m for m in names if m not in metrics.METRICS]
+    if unknown or not names:
+      raise ConfigError(f'--metrics {args.metrics!r}: ' + (f'no metric {unknown[0]!r}; ' if unknown else '')
+                        + f'give a comma-separated list of {", ".join(metrics.METRICS)}')
+    out = Path(args.out or '.')
+    if args.out and (out.is_dir() or not out.parent.is_dir()):
+      raise ConfigError(f'--out {out}: ' + ('a directory; give a file name' if out.is_dir() else
+                                            f'no directory {out.parent}'))
   path = Path(args.data)
   data = read_data(path, args.task)
   model = inference.load(args.checkpoint, overrides)
   T = model.cfg.model.seq_len
+  outputs = None
   if args.task == 'ppl':
     tokens = model.tokenizer.encode(data)
     if len(tokens) < 2:
       raise ConfigError(f'--data {path} has fewer than 2 tokens')
     result = perplexity(model.score, tokens, T, args.stride or T // 2, args.batch_size,
                         len(data.encode('utf-8')), max(len(data.split()), 1))
-  else:
+  elif args.task == 'lambada':
     result = lambada(model.score, data, model.tokenizer, T, args.batch_size)
-  if jax.process_index() == 0:  # many processes: the first one prints
-    print(json.dumps({'task': args.task, 'data': str(args.data), 'checkpoint': str(model.source),
-                      **result}, indent=2))
+  else:
+    if args.top_k > model.cfg.model.vocab_size:
+      raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')
+    result, outputs = generation(model, data, path, names, args.batch_size, args.max_tokens,
+                                 args.stop_at_newline, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  if jax.process_index() != 0:  # many processes: the first one prints and writes
+    return
+  if args.out and outputs is not None:
+    write_outputs(Path(args.out), data, outputs)
+  print(json.dumps({'task': args.task, 'data': str(args.data), 'checkpoint': str(model.source),
+                    **result}, indent=2))
+
+
+def write_outputs(out: Path, examples: list[Example], outputs: list[str]) -> None:
+  """JSONL of prompt, reference and output per example, whole or not at all."""
+  tmp = out.with_name(out.name + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for e, o in zip(examples, outputs):
+      f.write(json.dumps({'prompt': e.prompt, 'reference': e.reference, 'output': o},
+                         ensure_ascii=False) + '\n')
+  os.replace(tmp, out)
 
 
 if __name__ == '__main__':

@@ -67,9 +67,10 @@ class Generator:
     self._next = jax.jit(next_token, static_argnums=(1, 3, 4, 5), out_shardings=rt.replicated)
 
   def __call__(self, prompts: list[np.ndarray], max_tokens: int, temperature=0.0, top_k=0,
-               top_p=1.0, seed=0, use_cache=True, on_token=None) -> list[np.ndarray]:
-    """New tokens per prompt (up to end-of-document, included, or max_tokens)."""
-    B, P = len(prompts), max(len(p) for p in prompts)
+               top_p=1.0, seed=0, use_cache=True, on_token=None, prompt_len=0) -> list[np.ndarray]:
+    """New tokens per prompt (up to end-of-document, included, or max_tokens). Prompts are
+    left-padded to the longest, or to `prompt_len` if that is longer."""
+    B, P = len(prompts), max(prompt_len, *(len(p) for p in prompts))
     S = P + max_tokens
     if S > self.seq_len:
       raise ConfigError(f'prompt of {P} tokens + {max_tokens} new tokens exceeds the model\'s '
@@ -80,7 +81,7 @@ class Generator:
     start = np.asarray([P - len(p) for p in prompts], np.int32)
     done = np.zeros(B, bool)
     out = [[] for _ in range(B)]
-    if not use_cache and len({len(p) for p in prompts}) > 1:
+    if not use_cache and any(len(p) != P for p in prompts):
       raise ValueError('decoding without the cache needs prompts of one length')
     cache = self._init_cache(self.params, B, S) if use_cache else None
     for t in range(max_tokens):
@@ -103,6 +104,19 @@ class Generator:
       if done.all():
         break
     return [np.asarray(o, np.int32) for o in out]
+
+
+def in_batches(gen: Generator, prompts: list[np.ndarray], batch_size: int, max_tokens: int,
+               **sampling) -> list[np.ndarray]:
+  """`gen` over many prompts, `batch_size` at a time, in one shape: every batch is left-padded
+  to the longest prompt of all and the last one filled up with copies, so one program compiles."""
+  P, out = max(len(p) for p in prompts), []
+  batch_size = min(batch_size, len(prompts))
+  for i in range(0, len(prompts), batch_size):
+    chunk = prompts[i:i + batch_size]
+    chunk += [chunk[0]] * (batch_size - len(chunk))
+    out += gen(chunk, max_tokens, prompt_len=P, **sampling)
+  return out[:len(prompts)]
 
 
 def read_prompts(args) -> list[str]:
