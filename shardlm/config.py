@@ -47,7 +47,12 @@ def defaults() -> ml_collections.ConfigDict:
                 tokenizer='byte', batch_size=8, seed=0,
                 prefetch=2,        # batches built ahead in a background thread
                 mlm_prob=0.15,     # BERT: share of tokens masked (80% [MASK], 10% random, 10% kept)
-                whole_word=False), # BERT: mask whole words (WordPiece ## pieces; bytes: whitespace)
+                whole_word=False,  # BERT: mask whole words (WordPiece ## pieces; bytes: whitespace)
+                # Fine-tuning (model.kind gpt_sft, gpt_cls, bert_cls; shardlm/data/tasks.py):
+                # JSONL examples; without valid_jsonl the last 5% of train_jsonl's are held out.
+                train_jsonl='', valid_jsonl='',
+                labels=(),          # classification: the label set, in order (a label's index)
+                overlong='error'),  # an example longer than model.seq_len: error | truncate
       optimizer=dict(lr=1.5e-4, min_lr=1e-5, warmup_steps=2000, schedule='cosine', decay_steps=0,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
                      grad_accum_steps=1,  # micro-batches per step: batch = micro x accum x data-parallel

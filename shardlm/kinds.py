@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from shardlm import hf
-from shardlm.data import bert as bert_data, loader
+from shardlm.data import bert as bert_data, loader, tasks
 from shardlm.errors import ConfigError
-from shardlm.model import bert, gpt
+from shardlm.model import bert, gpt, heads as task_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Kind:
   needed_vocab: Callable      # tokenizer -> ids the model must have (with any special tokens)
   hf: hf.HFFormat             # its Hugging Face format (shardlm.convert reads and writes it)
   causal_lm: bool             # scores text left to right: evaluation and generation take it
+  base: str = ''              # a task head's base kind: its checkpoints start this one
+  heads: tuple = ()           # top-level parameters this kind adds to its base (drawn fresh)
 
 
 def _check_gpt(cfg):
@@ -60,6 +62,66 @@ def _bert_batches(cfg, tok):
   return data, make(data.train, cfg.data.seed), make(data.validation, cfg.data.seed + 1)
 
 
+def _check_task(cfg, classify: bool):
+  d, m = cfg.data, cfg.model
+  if not d.train_jsonl:
+    raise ConfigError(f"model.kind='{m.kind}' fine-tunes on data.train_jsonl: set it to a JSONL "
+                      'file (docs/finetuning.md)')
+  if d.overlong not in tasks.OVERLONG:
+    raise ConfigError(f"data.overlong='{d.overlong}' is not one of {', '.join(tasks.OVERLONG)}")
+  if classify and (len(d.labels) < 2 or len(set(map(str, d.labels))) != len(d.labels)):
+    raise ConfigError(f'data.labels={tuple(d.labels)!r}: a classifier needs at least 2 distinct '
+                      "labels, e.g. --config.data.labels=\"('neg', 'pos')\"")
+  if not classify and (m.attention != 'dense' or (cfg.mesh.context > 1 and m.context_attention == 'ring')):
+    raise ConfigError(f"model.kind='{m.kind}' packs examples into rows, which needs "
+                      "model.attention='dense' (with context parallelism, model.context_attention="
+                      "'allgather')")
+
+
+def _task_batches(cfg, tok, formats, build):
+  """(loader.Data, train, validation batches) from data.train_jsonl / valid_jsonl: both read and
+  checked line by line before anything is built."""
+  d, B = cfg.data, cfg.data.batch_size
+  train = tasks.read_jsonl(d.train_jsonl, formats)
+  valid = tasks.read_jsonl(d.valid_jsonl, formats) if d.valid_jsonl else None
+  if valid is None:
+    held = max(1, len(train) // 20)
+    if len(train) < 2:
+      raise ConfigError(f'{d.train_jsonl}: one example, nothing to hold out for validation; '
+                        'give data.valid_jsonl')
+    train, valid = train[:-held], train[-held:]
+  rows = build(train), build(valid)
+  summary = (f'{d.train_jsonl}: {len(train)} examples in {len(next(iter(rows[0].values())))} '
+             f"rows; validation {d.valid_jsonl or 'the last 5% of it'}: {len(valid)} examples")
+  return (loader.Data(None, None, None, summary), tasks.TaskBatches(rows[0], B, d.seed),
+          tasks.TaskBatches(rows[1], B, d.seed, shuffle=False))
+
+
+def _sft_batches(cfg, tok):
+  return _task_batches(cfg, tok, tasks.SFT_FORMATS, lambda exs: tasks.pack_sft(
+      exs, tok, cfg.model.seq_len, cfg.data.overlong))
+
+
+def _classify_batches(bert_kind: bool):
+  return lambda cfg, tok: _task_batches(cfg, tok, tasks.CLASSIFY_FORMATS, lambda exs: tasks.classify_rows(
+      exs, tok, cfg.model.seq_len, tuple(cfg.data.labels), bert_kind, cfg.data.overlong))
+
+
+def _classify_example(B, T):
+  return {**{k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ('ids', 'types')},
+          'pad': jax.ShapeDtypeStruct((B, T), jnp.bool_), 'label': jax.ShapeDtypeStruct((B,), jnp.int32)}
+
+
+def relatives(kind: Kind) -> tuple:
+  """The kinds whose checkpoints hold `kind`'s base model (a head's base, other heads on it)."""
+  family = kind.base or kind.name
+  return tuple(k.name for k in KINDS.values() if (k.base or k.name) == family and k is not kind)
+
+
+_GPT = dict(transformer=dict(causal=True, gelu_approximate=True),
+            needed_vocab=lambda tok: tok.vocab_size, hf=hf.GPT2)
+_BERT = dict(transformer=dict(causal=False, gelu_approximate=False),
+             needed_vocab=bert_data.vocab_size, hf=hf.BERT)
 KINDS = {k.name: k for k in (
     Kind('gpt', gpt.GPT, gpt.objective, gpt.BATCH_AXES,
          example=lambda B, T: jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
@@ -76,6 +138,21 @@ KINDS = {k.name: k for k in (
          transformer=dict(causal=False, gelu_approximate=False), check=_check_bert,
          batches=_bert_batches, needed_vocab=bert_data.vocab_size, hf=hf.BERT,
          causal_lm=False),
+    # Fine-tuning (model/heads.py, data/tasks.py): a GPT trained on completions only; classifiers.
+    Kind('gpt_sft', gpt.GPT, task_heads.sft_objective, task_heads.SFT_BATCH_AXES,
+         example=lambda B, T: {'tokens': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
+                               'segments': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
+                               'weights': jax.ShapeDtypeStruct((B, T), jnp.float32)},
+         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=False)),
+         batches=_sft_batches, causal_lm=True, base='gpt', **_GPT),
+    Kind('gpt_cls', task_heads.GPTClassifier, task_heads.classify_objective,
+         task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
+         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=True)),
+         batches=_classify_batches(False), causal_lm=False, base='gpt', heads=('cls',), **_GPT),
+    Kind('bert_cls', task_heads.BERTClassifier, task_heads.classify_objective,
+         task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
+         check=lambda cfg: (_check_bert(cfg), _check_task(cfg, classify=True)),
+         batches=_classify_batches(True), causal_lm=False, base='bert', heads=('cls',), **_BERT),
 )}
 
 

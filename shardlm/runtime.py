@@ -83,6 +83,7 @@ class Runtime:
     mc = self.model_config
     return Target(abstract=self.abstract_params, shardings=self.param_shardings,
                   padded_vocab=mc.padded_vocab, kind=self.kind.name,
+                  relatives=kinds.relatives(self.kind), heads=self.kind.heads,
                   mesh_shape=dict(self.mesh.shape),
                   stage_major=None if mc.layer_order is None else (mc.stages, mc.repeats),
                   stacked=frozenset(n for n, s in checkpoint_names(self.stacked).items() if s))
@@ -236,6 +237,7 @@ def build(cfg, devices=None) -> Runtime:
   mesh = sharding.make_mesh(shape, devices, distributed.host_of, cfg.dist.allow_model_across_hosts)
   vocab = padded_vocab(cfg.model, sharding.split_ways(shape, rules, 'vocab'))
   mc = TransformerConfig.from_config(cfg.model, vocab, **kind.transformer,
+                                     num_labels=len(cfg.data.labels),
                                      **pipeline_shape(cfg.model, shape.get('stage', 1)))
 
   # Abstract: shapes and logical names only, no memory.

@@ -205,8 +205,14 @@ def restore_or_init(cfg, t: Trainer, ckpt: checkpoint.Checkpoints, tok, log: Log
     elif theirs != getattr(tok, 'fingerprint', tok.name):
       raise ConfigError(f"train.init_from={path} was made with tokenizer {meta['tokenizer']['name']}, "
                         f"this config uses {tok.name}; set data.tokenizer to match")
+    fresh = [name for name in t.rt.kind.heads if name not in params]
+    if fresh:  # a task head on a base model's checkpoint: the head drawn from train.seed
+      drawn = t.rt.init_params(cfg.train.seed)
+      params = {**params, **{name: drawn[name] for name in fresh}}
     state = t.init_with(params)
-    log.print(f'initialized: parameters from {path}')
+    log.print(f'initialized: parameters from {path}'
+              + (f" ({meta['config']['model'].get('kind', 'gpt')}); drawn: {', '.join(fresh)}"
+                 if fresh else ''))
     return state, 0, None
   return t.init(), 0, None
 

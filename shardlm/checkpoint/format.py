@@ -46,6 +46,10 @@ class Target:
   # (P, R) = (stages, repeats), model/pipeline.py; None is the natural layer order.
   stage_major: tuple | None = None
   stacked: frozenset = frozenset()
+  # ...but for these, of the same base model (a task head's kind and its base), whose checkpoints
+  # lack (or add) the `heads`: the top-level parameters only this kind has.
+  relatives: tuple = ()
+  heads: tuple = ()
 
 
 def layer_order_meta(target: Target) -> dict:

@@ -1,6 +1,7 @@
 """Train-state checkpoints of a run: restore at start-up (skipping damaged ones), save on schedule,
 retention; and parameters read into a model's shardings (restore_params)."""
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,9 @@ def restore_params(directory, target: Target, expect=None) -> tuple[dict, Path, 
   """Parameters from a train-state or params-only checkpoint, read straight into `target`.
 
   Any mesh may have written it; the vocabulary padding is adapted (format.restore_args). For
-  evaluation, generation and train.init_from.
+  evaluation, generation and train.init_from. A checkpoint of a related kind (`target.relatives`:
+  the base model of a task head, or another head on it) gives every parameter but the target's
+  `heads`, which the caller draws fresh.
 
   Args:
     directory: a checkpoint, a directory of them (the latest) or a run directory.
@@ -44,9 +47,14 @@ def restore_params(directory, target: Target, expect=None) -> tuple[dict, Path, 
     raise ConfigError(f'{what} cannot be read: {e}') from None
   model = meta['config']['model']
   theirs, ours = model.get('kind', 'gpt'), target.kind
-  if theirs != ours:  # a pre-LN BERT holds every GPT parameter: shapes alone would not tell
+  if theirs != ours and theirs not in target.relatives:
+    # a pre-LN BERT holds every GPT parameter: shapes alone would not tell
     raise ConfigError(f'{what} holds a {theirs} model, and this config builds a {ours} '
                       f"(model.kind='{ours}')")
+  if theirs != ours and target.heads:
+    target = dataclasses.replace(target, **{
+        k: {n: v for n, v in getattr(target, k).items() if n not in target.heads}
+        for k in ('abstract', 'shardings')})
   stored = {k[len('params.'):]: v for k, v in stored.items() if k.startswith('params.')}
 
   def mismatch(name, have, want):

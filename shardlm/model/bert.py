@@ -48,6 +48,23 @@ class BERT(nnx.Module):
 
   def __call__(self, ids_bt, types_bt, pad_bt, key=None):
     c = self.config
+    x_btd = self.features(ids_bt, types_bt, pad_bt, key)
+    h_btd = self.mlm['ln'](jax.nn.gelu(self._dense(self.mlm['dense'], x_btd),
+                                       approximate=c.gelu_approximate))
+    mlm_btv = self.wte.attend(h_btd) + self.mlm['bias'][...].astype(c.dtype)
+    pooled_bd = jnp.tanh(self._dense(self.pooler, x_btd[:, 0]))
+    return mlm_btv.astype(jnp.float32), self._dense(self.sop, pooled_bd).astype(jnp.float32)
+
+  def _dense(self, p, x):
+    return project(x, p['kernel'][...].astype(self.config.dtype)) + p['bias'][...].astype(self.config.dtype)
+
+  def pooled(self, ids_bt, types_bt, pad_bt, key=None):
+    """The pooler's tanh of [CLS]'s final state [B, D]: what sentence-level heads read."""
+    return jnp.tanh(self._dense(self.pooler, self.features(ids_bt, types_bt, pad_bt, key)[:, 0]))
+
+  def features(self, ids_bt, types_bt, pad_bt, key=None):
+    """The stack's output [B, T, D] (after the final LayerNorm when pre-LN)."""
+    c = self.config
     T = ids_bt.shape[1]
     x_btd = (self.wte(ids_bt) + self.wpe[...][:T].astype(c.dtype)
              + jnp.take(self.wtt[...].astype(c.dtype), types_bt, axis=0))
@@ -58,15 +75,7 @@ class BERT(nnx.Module):
       key = jax.random.fold_in(key, 1)
     mask = pad_bt[:, None, None, :]  # [B, 1, 1, T]: every query sees every real key
     x_btd = self.h(constrain(x_btd, RESIDUAL), mask=mask, key=key)
-    if self.ln_f is not None:
-      x_btd = self.ln_f(x_btd)
-
-    d = lambda p, x: project(x, p['kernel'][...].astype(c.dtype)) + p['bias'][...].astype(c.dtype)
-    gelu = lambda x: jax.nn.gelu(x, approximate=c.gelu_approximate)
-    h_btd = self.mlm['ln'](gelu(d(self.mlm['dense'], x_btd)))
-    mlm_btv = self.wte.attend(h_btd) + self.mlm['bias'][...].astype(c.dtype)
-    pooled_bd = jnp.tanh(d(self.pooler, x_btd[:, 0]))
-    return mlm_btv.astype(jnp.float32), d(self.sop, pooled_bd).astype(jnp.float32)
+    return x_btd if self.ln_f is None else self.ln_f(x_btd)
 
 
 def bert_loss(mlm_btv, sop_b2, batch, vocab_size):

@@ -34,6 +34,13 @@ class GPT(nnx.Module):
     `key`: dropout's (training only). `segments_bt` [B, T]: several examples packed in a row
     (ids 1, 2, ...; 0 = padding): a token attends only within its own example, and positions
     restart at each example's start."""
+    x_btd, cache = self.features(ids_bt, cache, decode, key=key, segments_bt=segments_bt)
+    logits_btv = self.wte.attend(x_btd).astype(jnp.float32)
+    return logits_btv if cache is None else (logits_btv, cache)
+
+  def features(self, ids_bt, cache=None, decode=None, *, key=None, segments_bt=None):
+    """(The final LayerNorm's output [B, T, D], the updated cache or None): what the LM head and
+    the task heads (model/heads.py) read."""
     c = self.config
     T = ids_bt.shape[1]
     # Causal ring attention balances its work when the sequence runs in zigzag order: the
@@ -61,8 +68,7 @@ class GPT(nnx.Module):
     x_btd, cache = out if cache is not None else (out, None)
     if zigzag:
       x_btd = constrain(attention.from_zigzag(x_btd), RESIDUAL)
-    logits_btv = self.wte.attend(self.ln_f(x_btd)).astype(jnp.float32)
-    return logits_btv if cache is None else (logits_btv, cache)
+    return self.ln_f(x_btd), cache
 
   def init_cache(self, batch: int, length: int, dtype=None):
     """Zeroed keys and values for `length` positions: {'k', 'v'}, each [L, B, S, N, H]."""

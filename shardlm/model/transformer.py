@@ -44,6 +44,7 @@ class TransformerConfig:
   type_vocab: int = 2       # BERT's token types (segments)
   dropout: float = 0.0      # training only: embeddings, attention and MLP outputs
   attention_dropout: float = 0.0  # training only: attention probabilities
+  num_labels: int = 0       # classification heads (model/heads.py): how many classes
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   stages: int = 1           # P > 1: the pipeline runner; the layer stack stored stage-major

@@ -1,0 +1,181 @@
+"""Fine-tuning: the completion-only loss of packed examples, classification heads, starting from a
+pretrained checkpoint, and bad fine-tuning data (one line naming file and line, exit 2)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import params_checkpoint, run_steps
+from shardlm import kinds, train
+from shardlm.data import tasks
+from shardlm.data.tokenizer import ByteTokenizer
+from shardlm.model import gpt, heads
+
+TOK = ByteTokenizer()
+EXAMPLES = [{'prompt': 'def add(a, b):', 'completion': ' return a + b'},
+            {'prompt': 'x = ', 'completion': '1'},
+            {'prompt': 'import ', 'completion': 'os'}]
+
+
+def write_jsonl(path, rows):
+  path.write_text(''.join((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in rows))
+  return str(path)
+
+
+def sft(tiny, tmp_path, **overrides):
+  cfg = tiny(**{'model.kind': 'gpt_sft', 'data.train_jsonl': write_jsonl(tmp_path / 'sft.jsonl', EXAMPLES),
+                'model.seq_len': 48, **overrides})
+  return cfg, train.setup(cfg, jax.devices()[:1])
+
+
+def examples(rows):
+  return [{**r, '_form': 'completion', '_where': f'x:{n}'} for n, r in enumerate(rows, 1)]
+
+
+def batch_of(packed):
+  return {k: jnp.asarray(v) for k, v in packed.items()}
+
+
+def test_sft_loss_is_the_hand_computed_mean_over_completion_tokens(tiny, tmp_path):
+  cfg, t = sft(tiny, tmp_path)
+  params = t.rt.init_params(0)
+  packed = tasks.pack_sft(examples(EXAMPLES), TOK, 48, 'error')
+  assert packed['tokens'].shape[0] == 1  # all three fit one row of 49 tokens
+  loss, _ = jax.jit(t.rt.objective)(params, batch_of(packed))
+  # By hand: each example alone from position 0, log-softmax of its logits, the completion's
+  # tokens and end-of-document predicted, summed and divided by their count.
+  total, count = 0.0, 0
+  for ex in EXAMPLES:
+    p, c = TOK.encode(ex['prompt']), [*TOK.encode(ex['completion']), TOK.eod_id]
+    ids = np.asarray([*p, *c], np.int32)
+    logits = np.asarray(t.rt.apply(params, jnp.asarray(ids[None, :-1])))[0, :, :TOK.vocab_size]
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    for t_ in range(len(p) - 1, len(ids) - 1):
+      total -= logp[t_, ids[t_ + 1]]
+      count += 1
+  assert count == int(packed['weights'].sum())
+  np.testing.assert_allclose(float(loss), total / count, rtol=1e-6)
+
+
+def test_no_gradient_reaches_a_prompt_position(tiny, tmp_path):
+  cfg, t = sft(tiny, tmp_path)
+  packed = tasks.pack_sft(examples(EXAMPLES), TOK, 48, 'error')
+  params = t.rt.init_params(0)
+  logits = t.rt.apply(params, jnp.asarray(packed['tokens'][:, :-1]),
+                      segments_bt=jnp.asarray(packed['segments'][:, :-1]))
+  g = jax.grad(lambda x: gpt.lm_loss(x, packed['tokens'][:, 1:], cfg.model.vocab_size,
+                                     packed['weights']))(logits)
+  touched = np.abs(np.asarray(g)).sum(-1) > 0  # [1, T]: which positions' logits get a gradient
+  np.testing.assert_array_equal(touched, packed['weights'] > 0)
+  assert 0 < touched.sum() < touched.size
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(tiny, tmp_path):
+  cfg, t = sft(tiny, tmp_path, **{'data.batch_size': 2})
+  params = t.rt.init_params(0)
+  two = examples(EXAMPLES[:2])
+  packed = tasks.pack_sft(two, TOK, 48, 'error')             # one row holding both
+  alone = [tasks.pack_sft([e], TOK, 48, 'error') for e in two]  # a row each
+  unpacked = {k: np.concatenate([a[k] for a in alone]) for k in packed}
+  packed = {k: np.concatenate([v, np.zeros_like(v)]) for k, v in packed.items()}  # + an empty row
+  packed['tokens'][1] = TOK.eod_id
+  assert packed['tokens'].shape == unpacked['tokens'].shape == (2, 49)
+  (l1, g1), (l2, g2) = t.grads(params, batch_of(packed)), t.grads(params, batch_of(unpacked))
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_changing_one_packed_example_leaves_the_others_losses(tiny, tmp_path):
+  cfg, t = sft(tiny, tmp_path)
+  params = t.rt.init_params(0)
+
+  def nll(rows):
+    p = tasks.pack_sft(examples(rows), TOK, 48, 'error')
+    logits = t.rt.apply(params, jnp.asarray(p['tokens'][:, :-1]),
+                        segments_bt=jnp.asarray(p['segments'][:, :-1]))
+    return np.asarray(gpt.token_nll(logits, p['tokens'][:, 1:], cfg.model.vocab_size)), p
+  before, p = nll(EXAMPLES)
+  after, q = nll([EXAMPLES[0], {'prompt': 'y = ', 'completion': '2'}, EXAMPLES[2]])
+  np.testing.assert_array_equal(p['segments'], q['segments'])
+  for seg in (1, 3):  # the first and third examples: bitwise the same losses at every position
+    where = (p['segments'][0, :-1] == seg) & (p['segments'][0, 1:] == seg)  # whose target is theirs
+    np.testing.assert_array_equal(before[0][where], after[0][where])
+  assert not np.array_equal(before[0][p['segments'][0, :-1] == 2], after[0][p['segments'][0, :-1] == 2])
+
+
+def test_truncation_keeps_the_completion(tiny):
+  long = examples([{'prompt': 'p' * 60, 'completion': 'abc'}])
+  with pytest.raises(tasks.ConfigError, match=r'x:1: 64 tokens, more than model.seq_len \+ 1 = 49'):
+    tasks.pack_sft(long, TOK, 48, 'error')
+  cut = tasks.pack_sft(long, TOK, 48, 'truncate')
+  assert bytes(cut['tokens'][0, -4:-1].astype(np.uint8)) == b'abc' and cut['weights'].sum() == 4
+
+
+def classify_data(tmp_path, n=16):
+  rows = [{'text': ('yes ' if i % 2 else 'no ') * 3, 'label': 'pos' if i % 2 else 'neg'} for i in range(n)]
+  return write_jsonl(tmp_path / 'cls.jsonl', rows)
+
+
+@pytest.mark.parametrize('kind', ['gpt_cls', 'bert_cls'])
+def test_classifiers_equal_on_megatron_and_one_device(tiny, tmp_path, kind):
+  over = {'model.kind': kind, 'data.train_jsonl': classify_data(tmp_path), 'model.seq_len': 16,
+          'data.labels': "('neg', 'pos')", 'data.batch_size': 8, 'model.dropout': 0.1}
+  cfg = tiny(**over)
+  data, batches, _ = kinds.get(kind).batches(cfg, TOK)
+  one = run_steps(cfg, jax.devices()[:1], batch=batches.global_batch)[2]
+  many = run_steps(tiny(**over, **{'sharding.preset': 'megatron', 'mesh.model': 4}),
+                   batch=batches.global_batch)[2]
+  np.testing.assert_allclose(many['loss'], one['loss'], rtol=1e-5)
+  np.testing.assert_allclose(many['accuracy'], one['accuracy'])
+
+
+def test_a_classifier_starts_from_a_pretrained_gpt(tiny, tmp_path):
+  base = tiny()
+  path = params_checkpoint(tmp_path / 'gpt', train.setup(base, jax.devices()[:1]).rt)
+  cfg = tiny(**{'model.kind': 'gpt_cls', 'data.train_jsonl': classify_data(tmp_path),
+                'data.labels': "('neg', 'pos')", 'train.init_from': str(path)})
+  t = train.setup(cfg, jax.devices()[:1])
+  from shardlm import checkpoint
+  params, _, _ = checkpoint.restore_params(path, t.rt.target())
+  assert 'cls' not in params  # the base's checkpoint: every parameter but the head
+  pretrained = train.setup(base, jax.devices()[:1]).rt.init_params(0)
+  for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves({k: params[k] for k in pretrained})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+BAD = [
+    ('gpt_sft', [{'prompt': 'a', 'completion': 'b'}, {'prompt': 'a', 'answer': 'b'}],
+     ':2: keys \'prompt\', \'answer\''),
+    ('gpt_sft', [{'prompt': 'a', 'completion': 'b'}, {'prompt': 'a', 'completion': '  '}],
+     ':2: "completion" is empty'),
+    ('gpt_sft', [{'prompt': 'p' * 200, 'completion': 'b'}, {'prompt': 'a', 'completion': 'b'}],
+     ":1: 202 tokens, more than model.seq_len + 1 = 33; shorten it or set data.overlong='truncate'"),
+    ('gpt_sft', ['{"prompt": "a", "completion": "b"}', '{not json'], ':2: not a JSON object'),
+    ('gpt_cls', [{'text': 'a', 'label': 'pos'}, {'text': 'b', 'label': 'maybe'}],
+     ':2: label "maybe" is not in data.labels (neg, pos)'),
+]
+
+
+@pytest.mark.parametrize('kind, rows, message', BAD)
+def test_bad_fine_tuning_data_is_one_line_naming_file_and_line(tiny, tmp_path, capsys, kind, rows,
+                                                               message):
+  data = write_jsonl(tmp_path / 'bad.jsonl', rows)
+  run_dir = tmp_path / 'run'
+  args = ['--config', 'tiny', f'--config.model.kind={kind}', f'--config.data.train_jsonl={data}',
+          f'--config.data.valid_jsonl={data}', '--config.model.seq_len=32',
+          "--config.data.labels=('neg','pos')", f'--config.train.run_dir={run_dir}']
+  with pytest.raises(SystemExit) as e:
+    train.main(args)
+  assert e.value.code == 2
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f'shardlm: error: {data}') and message in lines[0], lines
+  assert not run_dir.exists()
+
+
+def test_the_heads_are_registered_kinds():
+  assert kinds.get('gpt_cls').model is heads.GPTClassifier and kinds.relatives(kinds.get('gpt_cls')) == (
+      'gpt', 'gpt_sft')
