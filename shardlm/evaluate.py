@@ -1,4 +1,4 @@
-"""`python -m shardlm.evaluate --checkpoint DIR --task ppl|lambada --data FILE`: zero-shot evaluation.
+"""`python -m shardlm.evaluate --checkpoint DIR --task ppl|lambada|generate|classify --data FILE`.
 
 ppl: sliding-window perplexity, as Megatron-LM evaluated WikiText-103: windows of T tokens
 advance by a stride; the first window scores all its tokens, each later one only the
@@ -12,6 +12,9 @@ generate: JSONL of {"prompt": ..., "completion": ...}; generates for every promp
 (greedy unless --temperature), stopping at end-of-document or --max-tokens, and scores the
 outputs against the completions with --metrics: bleu and chrf (sacrebleu, its signature
 printed), rouge (rouge-score's rouge1/2/L/Lsum F-measure), exact (share equal after strip).
+
+classify: a classifier checkpoint (model.kind gpt_cls or bert_cls) on JSONL of {"text", "label"}
+or {"text_a", "text_b", "label"}: accuracy, macro-F1, and the most frequent label's accuracy.
 """
 import argparse
 import dataclasses
@@ -21,9 +24,11 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from shardlm import distributed, errors, generate, inference, metrics
+from shardlm import distributed, errors, generate, inference, metrics, runtime
+from shardlm.data import tasks
 from shardlm.errors import ConfigError
 
 
@@ -126,6 +131,36 @@ def generation(model, examples: list[Example], path: Path, metric_names, batch_s
   return result, outputs
 
 
+def classification(model, examples: list[dict], batch_size: int) -> dict:
+  """Accuracy and macro-F1 (the mean over labels of 2 TP / (2 TP + FP + FN), over the labels
+  that occur among references or predictions) of a classifier checkpoint; and the accuracy of
+  always answering the data's most frequent label."""
+  cfg, kind = model.cfg, runtime.kinds.get(model.cfg.model.kind)
+  if not hasattr(kind.model, 'classify'):
+    raise ConfigError(f'checkpoint {model.source} holds a {cfg.model.kind} model; --task classify '
+                      'takes a classifier (model.kind gpt_cls or bert_cls)')
+  labels = tuple(cfg.data.labels)
+  rows = tasks.classify_rows(examples, model.tokenizer, cfg.model.seq_len, labels,
+                             kind.base == 'bert', cfg.data.overlong)
+  rt = model.rt
+  predict = jax.jit(lambda p, ids, types, pad: jnp.argmax(
+      rt.apply(p, ids, types, pad, method='classify'), axis=-1), out_shardings=rt.replicated)
+  N, preds = len(examples), []
+  for i in range(0, N, batch_size):
+    take = np.minimum(np.arange(i, i + batch_size), N - 1)  # the last batch padded with a copy
+    preds.append(np.asarray(predict(model.params, *(rows[k][take] for k in ('ids', 'types', 'pad')))))
+  pred, gold = np.concatenate(preds)[:N], rows['label']
+  f1 = []
+  for c in sorted(set(gold) | set(pred)):
+    tp, fp, fn = np.sum((pred == c) & (gold == c)), np.sum((pred == c) & (gold != c)), np.sum(
+        (pred != c) & (gold == c))
+    f1.append(2 * tp / (2 * tp + fp + fn))
+  majority = np.bincount(gold).argmax()
+  return {'examples': N, 'labels': list(labels), 'accuracy': 100 * float(np.mean(pred == gold)),
+          'macro_f1': 100 * float(np.mean(f1)),
+          'majority_label': labels[majority], 'majority_accuracy': 100 * float(np.mean(gold == majority))}
+
+
 def _example(path: Path, n: int, line: str) -> Example:
   """Line `n` of a generation task's JSONL, checked."""
   valid = 'each line is one JSON object {"prompt": "...", "completion": "..."}'
@@ -190,9 +225,10 @@ def _main(argv):
   parser = errors.ArgumentParser(prog='python -m shardlm.evaluate', description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='run or checkpoint directory')
-  parser.add_argument('--task', choices=('ppl', 'lambada', 'generate'), required=True)
+  parser.add_argument('--task', choices=('ppl', 'lambada', 'generate', 'classify'), required=True)
   parser.add_argument('--data', required=True, help='ppl: a text file; lambada: JSONL with "text"; '
-                      'generate: JSONL with "prompt" and "completion"')
+                      'generate: JSONL with "prompt" and "completion"; classify: JSONL with '
+                      '"text" (or "text_a", "text_b") and "label"')
   parser.add_argument('--stride', type=int, default=None, help='ppl window stride (default T/2)')
   parser.add_argument('--batch-size', type=int, default=8)
   gen = parser.add_argument_group('--task generate')  # the flags of GENERATE_FLAGS
@@ -231,8 +267,11 @@ def _main(argv):
       raise ConfigError(f'--out {out}: ' + ('a directory; give a file name' if out.is_dir() else
                                             f'no directory {out.parent}'))
   path = Path(args.data)
-  data = read_data(path, args.task)
-  model = inference.load(args.checkpoint, overrides)
+  if args.task == 'classify':
+    data = tasks.read_jsonl(path, tasks.CLASSIFY_FORMATS)
+  else:
+    data = read_data(path, args.task)
+  model = inference.load(args.checkpoint, overrides, causal=args.task != 'classify')
   T = model.cfg.model.seq_len
   outputs = None
   if args.task == 'ppl':
@@ -243,6 +282,8 @@ def _main(argv):
                         len(data.encode('utf-8')), max(len(data.split()), 1))
   elif args.task == 'lambada':
     result = lambada(model.score, data, model.tokenizer, T, args.batch_size)
+  elif args.task == 'classify':
+    result = classification(model, data, args.batch_size)
   else:
     if args.top_k > model.cfg.model.vocab_size:
       raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')

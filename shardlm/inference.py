@@ -40,13 +40,14 @@ class Loaded:
     return jax.jit(score, out_shardings=rt.replicated)
 
 
-def load(directory, overrides=(), devices=None) -> Loaded:
+def load(directory, overrides=(), devices=None, causal=True) -> Loaded:
   """The latest checkpoint under `directory` (a run, a checkpoints folder, or one checkpoint).
 
   The model config comes from the checkpoint; the mesh defaults to every device of a host on the
   model axis (Megatron tensor parallelism, the cache split over heads), falling back to fewer
   when the heads do not divide, and data parallelism over the rest; `--config.mesh.*` overrides
   choose another. Joins a multi-process job first (shardlm.distributed), as the CLIs do.
+  `causal`: refuse a model that is not a causal LM (scoring and generation need one).
   """
   path = checkpoint.find(directory)
   try:
@@ -55,7 +56,7 @@ def load(directory, overrides=(), devices=None) -> Loaded:
     raise ConfigError(f'checkpoint {path} cannot be read: {e}') from None
   cfg = config_lib.defaults()
   cfg.update_from_flattened_dict(_flatten(meta['config']))
-  if not runtime.kinds.get(cfg.model.kind).causal_lm:
+  if causal and not runtime.kinds.get(cfg.model.kind).causal_lm:
     raise ConfigError(f'checkpoint {path} holds a {cfg.model.kind} model; evaluation and '
                       'generation take a causal language model (a GPT)')
   # Where the training run resumed or started from is history here, and may be gone; so is the

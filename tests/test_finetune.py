@@ -30,8 +30,8 @@ def sft(tiny, tmp_path, **overrides):
   return cfg, train.setup(cfg, jax.devices()[:1])
 
 
-def examples(rows):
-  return [{**r, '_form': 'completion', '_where': f'x:{n}'} for n, r in enumerate(rows, 1)]
+def examples(rows, form='completion'):
+  return [{**r, '_form': form, '_where': f'x:{n}'} for n, r in enumerate(rows, 1)]
 
 
 def batch_of(packed):
@@ -179,3 +179,38 @@ def test_bad_fine_tuning_data_is_one_line_naming_file_and_line(tiny, tmp_path, c
 def test_the_heads_are_registered_kinds():
   assert kinds.get('gpt_cls').model is heads.GPTClassifier and kinds.relatives(kinds.get('gpt_cls')) == (
       'gpt', 'gpt_sft')
+
+
+def test_evaluate_classify_scores_a_classifier_checkpoint(tiny, tmp_path, capsys):
+  from shardlm import evaluate, runtime
+  cfg = tiny(**{'model.kind': 'gpt_cls', 'data.train_jsonl': classify_data(tmp_path),
+                'data.labels': "('neg', 'pos')", 'model.seq_len': 16})
+  rt = runtime.build(cfg, jax.devices()[:1])
+  ckpt = params_checkpoint(tmp_path / 'cls', rt)
+  rows = [{'text': t, 'label': label} for t, label in
+          [('yes yes', 'pos'), ('no', 'neg'), ('maybe no', 'neg'), ('yes no yes', 'pos'), ('no no', 'neg')]]
+  data = write_jsonl(tmp_path / 'test.jsonl', rows)
+  evaluate.main(['--checkpoint', str(ckpt), '--task', 'classify', '--data', data, '--batch-size', '2'])
+  out = json.loads(capsys.readouterr().out)
+  # the same predictions, made here: the model on each row alone
+  batch = tasks.classify_rows(examples(rows, 'single'), TOK, 16, ('neg', 'pos'), False, 'error')
+  params = rt.init_params(0)
+  pred = np.asarray(jnp.argmax(rt.apply(params, *(jnp.asarray(batch[k]) for k in ('ids', 'types', 'pad')),
+                                        method='classify'), -1))
+  gold = batch['label']
+  f1 = [2 * np.sum((pred == c) & (gold == c)) / (np.sum(pred == c) + np.sum(gold == c))
+        for c in set(pred) | set(gold)]
+  assert out['examples'] == 5 and out['majority_label'] == 'neg' and out['majority_accuracy'] == 60
+  assert out['accuracy'] == pytest.approx(100 * np.mean(pred == gold))
+  assert out['macro_f1'] == pytest.approx(100 * np.mean(f1))
+
+
+def test_the_docstring_demo_reads_code_and_summary():
+  from shardlm.data import demos
+  source = ('def parse_url(url, strict=True):\n    """Parse a URL into its parts.\n\n    More.\n    """\n'
+            '    return url.split("/")\n\n\nclass A:\n  def _helper(self):\n    return 1\n')
+  (ex,) = demos.function_examples('m.py', source)  # the helper has no docstring
+  assert ex['completion'] == ' Parse a URL into its parts.' and ex['name'] == 'parse_url'
+  assert ex['prompt'] == 'def parse_url(url, strict=True):\n    return url.split("/")\n# summary:'
+  assert demos.name_baseline('parseURLFrom_http') == 'parse urlfrom http'
+  assert demos.name_baseline('_get_user_name') == 'get user name'
