@@ -62,7 +62,7 @@ def _bert_batches(cfg, tok):
   return data, make(data.train, cfg.data.seed), make(data.validation, cfg.data.seed + 1)
 
 
-def _check_task(cfg, classify: bool):
+def _check_task(cfg, classify: bool, packs: bool = False):
   d, m = cfg.data, cfg.model
   if not d.train_jsonl:
     raise ConfigError(f"model.kind='{m.kind}' fine-tunes on data.train_jsonl: set it to a JSONL "
@@ -72,7 +72,7 @@ def _check_task(cfg, classify: bool):
   if classify and (len(d.labels) < 2 or len(set(map(str, d.labels))) != len(d.labels)):
     raise ConfigError(f'data.labels={tuple(d.labels)!r}: a classifier needs at least 2 distinct '
                       "labels, e.g. --config.data.labels=\"('neg', 'pos')\"")
-  if not classify and (m.attention != 'dense' or (cfg.mesh.context > 1 and m.context_attention == 'ring')):
+  if packs and (m.attention != 'dense' or (cfg.mesh.context > 1 and m.context_attention == 'ring')):
     raise ConfigError(f"model.kind='{m.kind}' packs examples into rows, which needs "
                       "model.attention='dense' (with context parallelism, model.context_attention="
                       "'allgather')")
@@ -105,6 +105,18 @@ def _sft_batches(cfg, tok):
 def _classify_batches(bert_kind: bool):
   return lambda cfg, tok: _task_batches(cfg, tok, tasks.CLASSIFY_FORMATS, lambda exs: tasks.classify_rows(
       exs, tok, cfg.model.seq_len, tuple(cfg.data.labels), bert_kind, cfg.data.overlong))
+
+
+def _choice_batches(bert_kind: bool):
+  return lambda cfg, tok: _task_batches(cfg, tok, tasks.CHOICE_FORMATS, lambda exs: tasks.choice_rows(
+      exs, tok, cfg.model.seq_len, bert_kind, cfg.data.overlong))
+
+
+def _check_choice(cfg):
+  if cfg.data.labels:
+    raise ConfigError(f'data.labels={tuple(cfg.data.labels)!r}: a multiple-choice label is the index '
+                      'of the right choice; leave data.labels empty')
+  _check_task(cfg, classify=False)
 
 
 def _classify_example(B, T):
@@ -143,7 +155,7 @@ KINDS = {k.name: k for k in (
          example=lambda B, T: {'tokens': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
                                'segments': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
                                'weights': jax.ShapeDtypeStruct((B, T), jnp.float32)},
-         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=False)),
+         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=False, packs=True)),
          batches=_sft_batches, causal_lm=True, base='gpt', **_GPT),
     Kind('gpt_cls', task_heads.GPTClassifier, task_heads.classify_objective,
          task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
@@ -153,6 +165,16 @@ KINDS = {k.name: k for k in (
          task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
          check=lambda cfg: (_check_bert(cfg), _check_task(cfg, classify=True)),
          batches=_classify_batches(True), causal_lm=False, base='bert', heads=('cls',), **_BERT),
+    # Multiple choice (RACE): the classifiers with a one-output head, a softmax over the choices.
+    Kind('bert_choice', task_heads.BERTClassifier, task_heads.choice_objective,
+         task_heads.CHOICE_BATCH_AXES,
+         example=lambda B, T: {**{k: jax.ShapeDtypeStruct((B, 4, T), jnp.int32) for k in ('ids', 'types')},
+                               'pad': jax.ShapeDtypeStruct((B, 4, T), jnp.bool_),
+                               'valid': jax.ShapeDtypeStruct((B, 4), jnp.bool_),
+                               'label': jax.ShapeDtypeStruct((B,), jnp.int32)},
+         check=lambda cfg: (_check_bert(cfg), _check_choice(cfg)), batches=_choice_batches(True),
+         causal_lm=False, base='bert', heads=('cls',),
+         **{**_BERT, 'transformer': {**_BERT['transformer'], 'num_labels': 1}}),
 )}
 
 

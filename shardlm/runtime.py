@@ -236,8 +236,8 @@ def build(cfg, devices=None) -> Runtime:
   kind = kinds.get(cfg.model.kind)
   mesh = sharding.make_mesh(shape, devices, distributed.host_of, cfg.dist.allow_model_across_hosts)
   vocab = padded_vocab(cfg.model, sharding.split_ways(shape, rules, 'vocab'))
-  mc = TransformerConfig.from_config(cfg.model, vocab, **kind.transformer,
-                                     num_labels=len(cfg.data.labels),
+  mc = TransformerConfig.from_config(cfg.model, vocab,
+                                     **{'num_labels': len(cfg.data.labels), **kind.transformer},
                                      **pipeline_shape(cfg.model, shape.get('stage', 1)))
 
   # Abstract: shapes and logical names only, no memory.

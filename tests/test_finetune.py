@@ -214,3 +214,30 @@ def test_the_docstring_demo_reads_code_and_summary():
   assert ex['prompt'] == 'def parse_url(url, strict=True):\n    return url.split("/")\n# summary:'
   assert demos.name_baseline('parseURLFrom_http') == 'parse urlfrom http'
   assert demos.name_baseline('_get_user_name') == 'get user name'
+
+
+@pytest.mark.parametrize('name', ['finetune_docstrings', 'classify_packages', 'bert_glue'])
+def test_the_fine_tuning_configs_build(name):
+  from shardlm import config
+  cfg = config.load(name)
+  cfg.train.init_from = ''  # the checkpoint it starts from is the user's to make first
+  t = train.setup(cfg, jax.devices()[:1])  # abstract: reads no data, allocates nothing
+  assert t.rt.kind.name == cfg.model.kind and t.rt.model_config.dropout == 0.1
+
+
+def test_multiple_choice_equal_on_megatron_and_one_device(tiny, tmp_path):
+  rows = [{'text': 'the answer is yes', 'choices': ['yes', 'no', 'maybe'][:2 + i % 2], 'label': i % 2}
+          for i in range(16)]
+  over = {'model.kind': 'bert_choice', 'data.train_jsonl': write_jsonl(tmp_path / 'mc.jsonl', rows),
+          'model.seq_len': 32, 'data.batch_size': 8, 'model.vocab_size': 261}
+  cfg = tiny(**over)
+  _, batches, _ = kinds.get('bert_choice').batches(cfg, TOK)
+  b = batches.rows(0, 0, 8)
+  assert b['ids'].shape == (8, 3, 32) and b['valid'].sum() == 8 * 2 + 4  # half have a 3rd choice
+  one = run_steps(cfg, jax.devices()[:1], batch=batches.global_batch)[2]
+  many = run_steps(tiny(**over, **{'sharding.preset': 'megatron', 'mesh.model': 4}),
+                   batch=batches.global_batch)[2]
+  np.testing.assert_allclose(many['loss'], one['loss'], rtol=1e-5)
+  with pytest.raises(tasks.ConfigError, match=r'x:1: label 2 is not the index of one of its 2 choices'):
+    tasks.choice_rows(examples([{'text': 'a', 'choices': ['b', 'c'], 'label': 2}], 'choice'), TOK, 16,
+                      True, 'error')

@@ -8,7 +8,9 @@ tokens with segment ids 1, 2, ... (0: padding), so that attention stays inside a
 positions restart at each (GPT's `segments_bt`).
 
 Classification (GPT on its last token, BERT on [CLS]): {"text", "label"} or
-{"text_a", "text_b", "label"}, the label one of `data.labels`.
+{"text_a", "text_b", "label"}, the label one of `data.labels`. Multiple choice (RACE-style):
+{"text", "choices": [...], "label": the right choice's index}; each choice is scored as
+text_a = text, text_b = the choice, and a softmax taken over the choices.
 
 Every line of a file is checked before anything is tokenized: a bad one is one ConfigError naming
 the file and line.
@@ -183,6 +185,30 @@ def classify_rows(examples: list[dict], tok, seq_len: int, labels: tuple, bert: 
     if bert:
       ids[n, len(seq):] = special['pad']
   return {'ids': ids, 'types': types, 'pad': pad, 'label': label}
+
+
+CHOICE_FORMATS = {'choice': ('text', 'choices', 'label')}
+
+
+def choice_rows(examples: list[dict], tok, seq_len: int, bert: bool, overlong: str) -> dict:
+  """{'ids', 'types', 'pad' [N, C, T], 'valid' [N, C] (a real choice), 'label' [N]}: one
+  classification row per (example, choice); C the most choices any example has."""
+  for ex in examples:
+    choices, label = ex['choices'], ex['label']
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
+                                                                    for c in choices):
+      raise ConfigError(f"{ex['_where']}: \"choices\" must be a list of at least 2 non-empty strings")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+      raise ConfigError(f"{ex['_where']}: label {json.dumps(label)} is not the index of one of its "
+                        f'{len(choices)} choices (0 to {len(choices) - 1})')
+  C = max(len(ex['choices']) for ex in examples)
+  flat = [{'text_a': ex['text'], 'text_b': c, 'label': 0, '_form': 'pair', '_where': ex['_where']}
+          for ex in examples for c in ex['choices'] + [ex['choices'][0]] * (C - len(ex['choices']))]
+  rows = classify_rows(flat, tok, seq_len, (0,), bert, overlong)
+  N = len(examples)
+  return {**{k: rows[k].reshape(N, C, seq_len) for k in ('ids', 'types', 'pad')},
+          'valid': np.array([[c < len(ex['choices']) for c in range(C)] for ex in examples]),
+          'label': np.array([ex['label'] for ex in examples], np.int32)}
 
 
 # -- batches --------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from shardlm.model.transformer import TransformerConfig
 SFT_BATCH_AXES = {'tokens': ('batch', None), 'segments': ('batch', None), 'weights': ('batch', None)}
 CLASSIFY_BATCH_AXES = {'ids': ('batch', None), 'types': ('batch', None), 'pad': ('batch', None),
                        'label': ('batch',)}
+CHOICE_BATCH_AXES = {'ids': ('batch', None, None), 'types': ('batch', None, None),
+                     'pad': ('batch', None, None), 'valid': ('batch', None), 'label': ('batch',)}
 
 
 def sft_objective(model: gpt.GPT, batch, key=None):
@@ -65,6 +67,18 @@ class BERTClassifier(bert.BERT):
     body, head = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
     pooled_bd = self.pooled(ids_bt, types_bt, pad_bt, key=body)
     return _logits(self.config, self.cls, pooled_bd, head)
+
+
+def choice_objective(model, batch, key=None):
+  """Multiple choice: every (example, choice) row scored by a one-output head, a softmax over an
+  example's choices (those it has), cross-entropy against the right one; accuracy."""
+  B, C, T = batch['ids'].shape
+  flat = (batch[k].reshape(B * C, T) for k in ('ids', 'types', 'pad'))
+  scores_bc = model.classify(*flat, key).reshape(B, C)
+  scores_bc = jnp.where(batch['valid'], scores_bc, -1e9)
+  logp_bc = jax.nn.log_softmax(scores_bc, axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(logp_bc, batch['label'][:, None], axis=-1))
+  return loss, {'accuracy': jnp.mean(jnp.argmax(scores_bc, axis=-1) == batch['label'])}
 
 
 def classify_objective(model, batch, key=None):
