@@ -2,7 +2,10 @@
 import gzip
 import io
 import json
+import multiprocessing
+import os
 import random
+import time
 import tracemalloc
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import zstandard
 
 from shardlm.data import indexed, preprocess, sources, tokenizer
+from shardlm.errors import ConfigError
 
 WORDS = ['alpha', 'beta', 'γάμμα', 'δέλτα', '€uro', 'naïve', '日本語', '🙂', 'x' * 40, '\n', '  ', '"q"',
          '\\', 'tab\t', 'def f(x):', 'return', '{', '}']
@@ -70,14 +74,63 @@ def test_two_workers_write_the_same_bytes_and_every_document_round_trips(
   # The input order is the order given, each glob sorted: a, b.gz, c.zst.
   inputs = sources.Corpus(sources.expand([str(d / '*.jsonl*')]))
   s1 = preprocess.preprocess(inputs, tmp_path / 'one', name, workers=1)
+  # Worker processes start at once, as if a core were idle, and the parent (two threads) is slow,
+  # so that they take over part of the corpus from it: the parent's parse is patched, theirs is not.
+  monkeypatch.setattr(sources, 'cpu_count', lambda: 2)
+  monkeypatch.setattr(preprocess, '_PROBE_SECONDS', 0)
+  monkeypatch.setattr(preprocess, '_idle_cpus', lambda t0, cpu0: 1.0)
+  parse, in_parent = sources.parse, []
+
+  def slow_parse(chunk):
+    in_parent.append(1)
+    time.sleep(1 if kind == 'bpe' else 0)
+    return parse(chunk)
+  monkeypatch.setattr(sources, 'parse', slow_parse)
+  monkeypatch.setenv('TOKENIZERS_PARALLELISM', 'true')
   s2 = preprocess.preprocess(inputs, tmp_path / 'two', name, workers=2)
+  assert os.environ['TOKENIZERS_PARALLELISM'] == 'true'  # off only while the parent's threads encode
   assert s1.documents == s2.documents == len(docs) and s1.tokens == s2.tokens
   for ext in ('.bin', '.idx'):
     assert (tmp_path / f'one{ext}').read_bytes() == (tmp_path / f'two{ext}').read_bytes()
+  chunks = -(-400 // 37) * 3
+  if kind == 'byte':  # faster inline than sent anywhere: no worker process
+    assert s2.workers == 1 and len(in_parent) == chunks
+  else:
+    assert s2.workers == 2 and 0 < len(in_parent) < chunks, (len(in_parent), chunks)
   ds = check_round_trip(tmp_path / 'two', tok, docs)
   assert ds.dtype == np.uint16  # 257 (byte) and 400 (BPE) ids both need 16 bits
   assert ds.num_tokens == s1.tokens == sum(len(tok.encode(x)) + 1 for x in docs)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['one.bin', 'one.idx', 'two.bin', 'two.idx']
+
+
+def test_workers_start_only_when_a_core_is_idle(corpus, bpe, tmp_path, monkeypatch):
+  """The parent works alone first; with no idle core then, no worker process ever starts."""
+  d, docs = corpus
+  inputs = sources.Corpus(sources.expand([str(d / '*.jsonl*')]))
+  monkeypatch.setattr(sources, 'CHUNK_DOCS', 37)
+  monkeypatch.setattr(preprocess, '_PROBE_SECONDS', 0)
+  idle = []
+  monkeypatch.setattr(preprocess, '_idle_cpus', lambda t0, cpu0: idle.append(1) or 0.5)
+  s = preprocess.preprocess(inputs, tmp_path / 'o', bpe.name, workers=2)
+  assert s.workers == 1 and s.documents == len(docs) and len(idle) == -(-400 // 37) * 3
+  monkeypatch.setattr(preprocess, '_PROBE_SECONDS', 3600)  # a short job: never even asked
+  idle.clear()
+  assert preprocess.preprocess(inputs, tmp_path / 'o', bpe.name, workers=2).workers == 1 and not idle
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_bad_document_stops_threads_and_workers_and_leaves_nothing(workers, bpe, tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'CHUNK_DOCS', 5)
+  monkeypatch.setattr(preprocess, '_PROBE_SECONDS', 0)
+  monkeypatch.setattr(preprocess, '_idle_cpus', lambda t0, cpu0: 1.0)
+  write_jsonl(tmp_path / 'c.jsonl', make_docs(100, seed=3))
+  with open(tmp_path / 'c.jsonl', 'a') as f:
+    f.write('{"text": oops}\n' + '\n'.join(
+        json.dumps({'text': d}) for d in make_docs(100, seed=4)) + '\n')
+  with pytest.raises(ConfigError, match='c.jsonl:101: invalid JSON'):
+    preprocess.preprocess(sources.Corpus([tmp_path / 'c.jsonl']), tmp_path / 'o', bpe.name, workers)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['c.jsonl']
+  assert multiprocessing.active_children() == []
 
 
 def test_byte_level_bpe_is_lossless_and_the_cli_trains_one(corpus, tmp_path, capsys):

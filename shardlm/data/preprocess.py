@@ -8,6 +8,8 @@ ending in the end-of-document token. Workers tokenize chunks in parallel but res
 in input order, so the output is byte-identical for any number of workers.
 """
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
@@ -30,6 +32,7 @@ from shardlm.errors import ConfigError
 _SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
 _worker = {}  # per process: the tokenizer and token dtype, set by _init
 _MAX_WORKERS_PER_CPU = 4  # more tokenizer processes than this is a typo, not a speed-up
+_PROBE_SECONDS = 2.0  # the parent works alone this long before worker processes may start
 
 
 @dataclasses.dataclass
@@ -40,15 +43,22 @@ class Summary:
   text_bytes: int
   seconds: float
   dtype: str
+  workers: int  # tokenizer processes that ran: 1 unless more were asked for and could help
 
 
-def _init(tokenizer_name: str, dtype: str, in_pool: bool):
-  if in_pool:
-    # Ctrl-C is the parent's to handle; one tokenizer thread per worker process.
+def _init(tokenizer_name: str, dtype: str, threads: int = 0, ready=None):
+  """Loads the tokenizer; in a worker process (`ready` given), with `threads` tokenizer threads."""
+  if ready is not None:
+    # Ctrl-C is the parent's to handle. The tokenizers library sizes its thread pool on first use,
+    # so this process's share of the cores is set before anything is encoded.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+    os.environ['TOKENIZERS_PARALLELISM'] = 'true' if threads > 1 else 'false'
+    os.environ['RAYON_NUM_THREADS'] = str(threads)
   tok = tokenizer_lib.get_tokenizer(tokenizer_name)
   _worker.update(tok=tok, dtype=np.dtype(dtype), eod=np.array([tok.eod_id], dtype))
+  if ready is not None:
+    with ready.get_lock():
+      ready.value += 1
 
 
 def _encode(chunk: sources.Chunk):
@@ -58,33 +68,97 @@ def _encode(chunk: sources.Chunk):
   """
   tok, dtype, eod = _worker['tok'], _worker['dtype'], _worker['eod']
   texts, bad = sources.parse(chunk)
-  ids = tok.encode_batch(texts) if texts else []
-  tokens = np.concatenate([p for a in ids for p in (a, eod)]) if ids else np.zeros(0, dtype)
+  if isinstance(tok, tokenizer_lib.ByteTokenizer):
+    # Its ids are the UTF-8 bytes: one array for the chunk, not one per document.
+    data = [t.encode('utf-8') for t in texts]
+    ends = np.cumsum([len(b) for b in data], dtype=np.int64)
+    tokens = np.insert(np.frombuffer(b''.join(data), np.uint8).astype(dtype), ends, eod)
+    lengths = np.diff(ends, prepend=0).astype(np.uint64) + 1
+  else:
+    ids = tok.encode_batch(texts) if texts else []
+    tokens = np.concatenate([p for a in ids for p in (a, eod)]) if ids else np.zeros(0, dtype)
+    lengths = np.array([len(a) + 1 for a in ids], np.uint64)
   if len(tokens) and tokens.max() >= tok.vocab_size:  # a tokenizer bug: never wrap it into the dtype
     raise ConfigError(f'{chunk.path}: tokenizer {tok.name} produced id {tokens.max()} >= its '
                       f'vocabulary size {tok.vocab_size}')
   tokens = tokens.astype(dtype, copy=False)
-  lengths = np.array([len(a) + 1 for a in ids], np.uint64)
   nbytes = sum(len(r) for r in chunk.items)
   return dataclasses.replace(chunk, lines=[], items=[]), tokens, lengths, bad, nbytes
 
 
-def _ordered_map(items, workers: int, initargs):
-  """_encode over items on `workers` processes, results in input order, a bounded number in flight."""
-  if workers == 1:
-    _init(*initargs, in_pool=False)
-    yield from map(_encode, items)
-    return
+def _idle_cpus(t0: float, cpu0: float) -> float:
+  """Cores that neither this process (since `t0`, `cpu0`) nor others (the 1-minute load) keep busy."""
+  busy = (time.process_time() - cpu0) / max(time.perf_counter() - t0, 1e-9)
+  with contextlib.suppress(AttributeError, OSError):  # no load average on Windows
+    busy = max(busy, os.getloadavg()[0])
+  return sources.cpu_count() - busy
+
+
+def _start_pool(stack: contextlib.ExitStack, workers: int, initargs):
+  """(a pool of `workers` tokenizer processes, the count of those ready); `stack` stops the pool."""
   # spawn, not fork: the parent may hold JAX or tokenizer threads that a fork would break.
   ctx = multiprocessing.get_context('spawn')
-  with ctx.Pool(workers, _init, (*initargs, True)) as pool:
-    pending = collections.deque()
+  ready = ctx.Value('i', 0)
+  threads = max(1, sources.cpu_count() // workers)
+  return stack.enter_context(ctx.Pool(workers, _init, (*initargs, threads, ready))), ready
+
+
+@contextlib.contextmanager
+def _library_threads_off():
+  """While this lasts, the tokenizers library encodes a batch in the calling thread alone."""
+  # The library reads the variable at each call; the previous setting comes back after.
+  before = os.environ.get('TOKENIZERS_PARALLELISM')
+  os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop('TOKENIZERS_PARALLELISM', None)
+    else:
+      os.environ['TOKENIZERS_PARALLELISM'] = before
+
+
+def _ordered_map(items, workers: int, initargs, ran: list):
+  """_encode over items, results in input order, a bounded number of chunks in flight.
+
+  The byte tokenizer runs inline: handing a chunk to a thread or a process costs more than
+  tokenizing it. Other tokenizers release the GIL, so the parent encodes one chunk per CPU at
+  once, each in a thread of its own with the library's own threads off: whole chunks keep the
+  cores busy with no hand-offs between threads, which slow the library's thread pool on a busy
+  machine. Worker processes (workers > 1) take the parsing off the parent too, which pays once
+  many cores outrun the one Python thread that parses, and only then: they start only if, after
+  the parent has worked alone for a while, a core is still idle, and the parent goes on alone
+  until the first is ready. So more workers are never slower than one. At the end, `ran` gets
+  the number of processes that tokenized: the workers if they took any chunk, else 1.
+  """
+  _init(*initargs)
+  if initargs[0] == 'byte':
+    yield from map(_encode, items)
+    ran.append(1)
+    return
+  threads = sources.cpu_count()
+  t0, cpu0 = time.perf_counter(), time.process_time()
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(_library_threads_off())
+    local = stack.enter_context(concurrent.futures.ThreadPoolExecutor(threads, 'shardlm-tokenize'))
+    stack.callback(local.shutdown, cancel_futures=True)  # on an error, drop what has not started
+    pool = ready = None
+    to_pool = 0
+    pending = collections.deque()  # each entry gives its result when called
     for item in items:
-      pending.append(pool.apply_async(_encode, (item,)))
-      if len(pending) >= 4 * workers:
-        yield pending.popleft().get()
+      if (workers > 1 and pool is None and time.perf_counter() - t0 > _PROBE_SECONDS
+          and _idle_cpus(t0, cpu0) >= 1):
+        pool, ready = _start_pool(stack, workers, initargs)
+      if ready is not None and ready.value:
+        pending.append(pool.apply_async(_encode, (item,)).get)
+        to_pool += 1
+      else:
+        pending.append(local.submit(_encode, item).result)
+      if len(pending) > max(threads, 2 * workers):
+        yield pending.popleft()()
     while pending:
-      yield pending.popleft().get()
+      yield pending.popleft()()
+  ran.append(workers if to_pool else 1)
 
 
 class _Progress:
@@ -156,7 +230,8 @@ def run(job: Plan, progress: bool = False) -> Summary:
   try:
     writer = indexed.Writer(job.output_prefix, dtype, job.vocab_size)
     bar = _Progress(total, progress)
-    results = _ordered_map(sources.chunks(corpus), job.workers, (job.tokenizer_name, dtype.name))
+    ran = []
+    results = _ordered_map(sources.chunks(corpus), job.workers, (job.tokenizer_name, dtype.name), ran)
     try:
       for chunk, tokens, lengths, bad, nbytes in results:
         if bad and not corpus.skip_bad:
@@ -177,7 +252,7 @@ def run(job: Plan, progress: bool = False) -> Summary:
     sources.remove_dirs(new_dirs)
     raise
   return Summary(writer.num_docs, writer.num_tokens, skipped, text_bytes, time.perf_counter() - t0,
-                 dtype.name)
+                 dtype.name, ran[0])
 
 
 def preprocess(corpus: sources.Corpus, output_prefix, tokenizer_name: str = 'byte', workers: int = 1,
@@ -243,7 +318,9 @@ def _main(argv):
   p.add_argument('--tokenizer', default='byte',
                  help="'byte', a tokenizer.json (or its folder) or a sentencepiece .model")
   p.add_argument('--output-prefix', required=True, help='writes PREFIX.bin and PREFIX.idx')
-  p.add_argument('--workers', type=int, default=1, help='tokenizer processes')
+  p.add_argument('--workers', type=int, default=1,
+                 help='tokenizer processes, started only while one process leaves a core idle '
+                      '(never for the byte tokenizer: it is faster in one)')
   p.add_argument('--dtype', choices=('uint8', 'uint16', 'uint32'),
                  help='token dtype; default: the smallest that holds the vocabulary')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -273,7 +350,8 @@ def _main(argv):
   print(f'wrote {bin_path} and {idx_path.name}: {s.documents:,} documents, {s.tokens:,} tokens '
         f'({s.dtype}), {s.skipped:,} skipped; {s.text_bytes / 1e6:,.1f} MB of text in {s.seconds:.1f}s '
         f'= {s.text_bytes / 1e6 / s.seconds:,.1f} MB/s, {s.documents / s.seconds:,.0f} docs/s '
-        f'with {args.workers} worker(s)')
+        f'with {s.workers} worker(s)' + ('' if s.workers == args.workers else
+                                         f' of {args.workers}: more would not have been faster'))
 
 
 def main(argv=None):
