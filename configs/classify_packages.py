@@ -9,7 +9,8 @@ Command:   python -m shardlm.train                                   # the defau
 Hardware:  any CPU; a few minutes on 2 cores.
 Model:     GPT read at the last token (model.kind=gpt_cls), a fresh 8-way head on the default
            run's parameters (train.init_from).
-Expect:    README "Fine-tuning": accuracy and macro-F1 beside the majority baseline (12.5%).
+Expect:    about 4 minutes on 2 cores; validation accuracy 0.2 -> about 0.47; on the 480 test
+           chunks accuracy about 44% and macro-F1 about 42, against 12.5% for the majority class.
 """
 from shardlm import config
 from shardlm.data.demos import PACKAGES

@@ -4,15 +4,16 @@ Command:   python -m shardlm.train                                   # the defau
            python -m shardlm.data.demos docstrings --out demo/docstrings
            python -m shardlm.train --config finetune_docstrings
            python -m shardlm.evaluate --checkpoint runs/finetune_docstrings --task generate \
-             --data demo/docstrings/test.jsonl --metrics rouge,bleu --stop-at-newline --max-tokens 48
+             --data demo/docstrings/test.jsonl --metrics rouge,bleu --stop-at-newline --max-tokens 46
 Hardware:  any CPU; a few minutes on 2 cores.
 Data:      a standard-library function's first lines of code (`# summary:` after them) -> the
            first line of its docstring; the test functions come from the files the default run
            held out (shardlm/data/demos.py). Loss on the summary only; examples packed per row.
 Starts:    from runs/tiny/checkpoints/400 (train.init_from): the default run's parameters, a
            fresh optimizer.
-Expect:    README "Fine-tuning": ROUGE-L of the model before and after, and of the baseline (the
-           function's name split into words).
+Expect:    validation loss 2.77 -> about 2.06; on the 194 test functions ROUGE-L about 6 (the
+           default run's model before: 0.0), below the baseline's 24.8 (the function's name split
+           into words); 1200 steps without dropout: 11.5 (README "Fine-tuning").
 """
 from shardlm import config
 

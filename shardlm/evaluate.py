@@ -136,12 +136,11 @@ def classification(model, examples: list[dict], batch_size: int) -> dict:
   that occur among references or predictions) of a classifier checkpoint; and the accuracy of
   always answering the data's most frequent label."""
   cfg, kind = model.cfg, runtime.kinds.get(model.cfg.model.kind)
-  if not hasattr(kind.model, 'classify'):
+  if kind.rows is None:
     raise ConfigError(f'checkpoint {model.source} holds a {cfg.model.kind} model; --task classify '
                       'takes a classifier (model.kind gpt_cls or bert_cls)')
   labels = tuple(cfg.data.labels)
-  rows = tasks.classify_rows(examples, model.tokenizer, cfg.model.seq_len, labels,
-                             kind.base == 'bert', cfg.data.overlong)
+  rows = kind.rows(examples, model.tokenizer, cfg)
   rt = model.rt
   predict = jax.jit(lambda p, ids, types, pad: jnp.argmax(
       rt.apply(p, ids, types, pad, method='classify'), axis=-1), out_shardings=rt.replicated)

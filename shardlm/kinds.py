@@ -29,6 +29,8 @@ class Kind:
   causal_lm: bool             # scores text left to right: evaluation and generation take it
   base: str = ''              # a task head's base kind: its checkpoints start this one
   heads: tuple = ()           # top-level parameters this kind adds to its base (drawn fresh)
+  packs: bool = False         # packs examples with segment ids: needs dense attention, keys whole
+  rows: Callable | None = None  # (examples, tokenizer, cfg) -> a classifier's rows (evaluate)
 
 
 def _check_gpt(cfg):
@@ -62,7 +64,7 @@ def _bert_batches(cfg, tok):
   return data, make(data.train, cfg.data.seed), make(data.validation, cfg.data.seed + 1)
 
 
-def _check_task(cfg, classify: bool, packs: bool = False):
+def _check_task(cfg, classify: bool):
   d, m = cfg.data, cfg.model
   if not d.train_jsonl:
     raise ConfigError(f"model.kind='{m.kind}' fine-tunes on data.train_jsonl: set it to a JSONL "
@@ -72,10 +74,6 @@ def _check_task(cfg, classify: bool, packs: bool = False):
   if classify and (len(d.labels) < 2 or len(set(map(str, d.labels))) != len(d.labels)):
     raise ConfigError(f'data.labels={tuple(d.labels)!r}: a classifier needs at least 2 distinct '
                       "labels, e.g. --config.data.labels=\"('neg', 'pos')\"")
-  if packs and (m.attention != 'dense' or (cfg.mesh.context > 1 and m.context_attention == 'ring')):
-    raise ConfigError(f"model.kind='{m.kind}' packs examples into rows, which needs "
-                      "model.attention='dense' (with context parallelism, model.context_attention="
-                      "'allgather')")
 
 
 def _task_batches(cfg, tok, formats, build):
@@ -102,9 +100,14 @@ def _sft_batches(cfg, tok):
       exs, tok, cfg.model.seq_len, cfg.data.overlong))
 
 
+def _classify_rows(bert_kind: bool):
+  return lambda exs, tok, cfg: tasks.classify_rows(exs, tok, cfg.model.seq_len, tuple(cfg.data.labels),
+                                                   bert_kind, cfg.data.overlong)
+
+
 def _classify_batches(bert_kind: bool):
-  return lambda cfg, tok: _task_batches(cfg, tok, tasks.CLASSIFY_FORMATS, lambda exs: tasks.classify_rows(
-      exs, tok, cfg.model.seq_len, tuple(cfg.data.labels), bert_kind, cfg.data.overlong))
+  rows = _classify_rows(bert_kind)
+  return lambda cfg, tok: _task_batches(cfg, tok, tasks.CLASSIFY_FORMATS, lambda exs: rows(exs, tok, cfg))
 
 
 def _choice_batches(bert_kind: bool):
@@ -155,16 +158,18 @@ KINDS = {k.name: k for k in (
          example=lambda B, T: {'tokens': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
                                'segments': jax.ShapeDtypeStruct((B, T + 1), jnp.int32),
                                'weights': jax.ShapeDtypeStruct((B, T), jnp.float32)},
-         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=False, packs=True)),
-         batches=_sft_batches, causal_lm=True, base='gpt', **_GPT),
+         check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=False)),
+         batches=_sft_batches, causal_lm=True, base='gpt', packs=True, **_GPT),
     Kind('gpt_cls', task_heads.GPTClassifier, task_heads.classify_objective,
          task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
          check=lambda cfg: (_check_gpt(cfg), _check_task(cfg, classify=True)),
-         batches=_classify_batches(False), causal_lm=False, base='gpt', heads=('cls',), **_GPT),
+         batches=_classify_batches(False), causal_lm=False, base='gpt', heads=('cls',),
+         rows=_classify_rows(False), **_GPT),
     Kind('bert_cls', task_heads.BERTClassifier, task_heads.classify_objective,
          task_heads.CLASSIFY_BATCH_AXES, example=_classify_example,
          check=lambda cfg: (_check_bert(cfg), _check_task(cfg, classify=True)),
-         batches=_classify_batches(True), causal_lm=False, base='bert', heads=('cls',), **_BERT),
+         batches=_classify_batches(True), causal_lm=False, base='bert', heads=('cls',),
+         rows=_classify_rows(True), **_BERT),
     # Multiple choice (RACE): the classifiers with a one-output head, a softmax over the choices.
     Kind('bert_choice', task_heads.BERTClassifier, task_heads.choice_objective,
          task_heads.CHOICE_BATCH_AXES,

@@ -101,6 +101,11 @@ def fold(cfg, n: int) -> int:
   data = sharding.mesh_shape(cfg, n)['data']
   if n <= SIMULATED:
     return data
+  split = [name for name, to in sharding.rules_from_config(cfg)
+           if name != 'batch' and 'data' in sharding.axes_of(to)]
+  if split:  # then a copy's state is not what one device of the whole holds
+    raise ConfigError(f"{n} devices: past {SIMULATED} the planner compiles part of the data axis, "
+                      f"which needs only 'batch' on it; the rules also put {', '.join(split)} there")
   inner = n // data
   fits = [k for k in range(min(data, 2), data + 1) if data % k == 0 and inner * k <= SIMULATED]
   if not fits:

@@ -153,6 +153,10 @@ def check_model(cfg, shape: dict, rules) -> None:
                       "device takes an early and a late one, for equal work)")
   check_pipeline(m, shape.get('stage', 1))
   check_dropout(m, shape.get('stage', 1), length)
+  if kind.packs and (m.attention != 'dense' or (length > 1 and m.context_attention == 'ring')):
+    raise ConfigError(f"model.kind='{m.kind}' packs examples into rows with segment ids, which "
+                      "needs model.attention='dense' (and under context parallelism "
+                      "model.context_attention='allgather')")
   kind.check(cfg)
 
 

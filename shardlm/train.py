@@ -207,8 +207,10 @@ def restore_or_init(cfg, t: Trainer, ckpt: checkpoint.Checkpoints, tok, log: Log
                         f"this config uses {tok.name}; set data.tokenizer to match")
     fresh = [name for name in t.rt.kind.heads if name not in params]
     if fresh:  # a task head on a base model's checkpoint: the head drawn from train.seed
-      drawn = t.rt.init_params(cfg.train.seed)
-      params = {**params, **{name: drawn[name] for name in fresh}}
+      # jitted to return the head only: XLA drops the rest of the model it draws.
+      drawn = jax.jit(lambda: {n: t.rt.new_params(cfg.train.seed)[n] for n in fresh},
+                      out_shardings={n: t.rt.param_shardings[n] for n in fresh})()
+      params = {**params, **drawn}
     state = t.init_with(params)
     log.print(f'initialized: parameters from {path}'
               + (f" ({meta['config']['model'].get('kind', 'gpt')}); drawn: {', '.join(fresh)}"

@@ -241,3 +241,54 @@ def test_multiple_choice_equal_on_megatron_and_one_device(tiny, tmp_path):
   with pytest.raises(tasks.ConfigError, match=r'x:1: label 2 is not the index of one of its 2 choices'):
     tasks.choice_rows(examples([{'text': 'a', 'choices': ['b', 'c'], 'label': 2}], 'choice'), TOK, 16,
                       True, 'error')
+
+
+def test_truncation_and_dialogue_rules():
+  # a completion that nearly fills the row: the prompt keeps its last token, so the completion's
+  # first token is still predicted; the completion then loses its end
+  cut = tasks.pack_sft(examples([{'prompt': 'pq', 'completion': 'c' * 48}]), TOK, 48, 'truncate')
+  assert bytes(cut['tokens'][0, :2].astype(np.uint8)) == b'qc' and cut['weights'].sum() == 48
+  # pairs lose a token at a time from the longer text: [30, 10] into 20 -> [10, 10]
+  rows = tasks.classify_rows(examples([{'text_a': 'a' * 30, 'text_b': 'b' * 10, 'label': 'x'}], 'pair'),
+                             TOK, 21, ('x',), False, 'truncate')
+  assert bytes(rows['ids'][0].astype(np.uint8)) == b'a' * 10 + b'\n' + b'b' * 10
+  talk = [{'_form': 'dialogue', '_where': 'x:1', 'messages': [
+      {'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'},
+      {'role': 'user', 'content': 'bye'}]}]
+  with pytest.raises(tasks.ConfigError, match="x:1: the last message is not the assistant's"):
+    tasks.pack_sft(talk, TOK, 48, 'error')
+  ids, trained = tasks.sft_tokens({**talk[0], 'messages': talk[0]['messages'][:2]}, TOK)
+  assert bytes(ids[trained][:-1].astype(np.uint8)) == b'hello\n' and ids[-1] == TOK.eod_id
+
+
+def test_every_dropout_site_draws_its_own_mask(tiny, monkeypatch):
+  from shardlm.model import attention, gpt as gpt_model, transformer
+  seen = []
+
+  def record(x, rate, key):
+    seen.append(np.asarray(jax.random.key_data(key)).tobytes())
+    return x
+  for module in (attention, gpt_model, transformer):
+    monkeypatch.setattr(module, 'dropout', record)
+  cfg = tiny(**{'model.dropout': 0.1, 'model.attention_dropout': 0.1, 'model.seq_len': 16})
+  t = train.setup(cfg, jax.devices()[:1])
+  ids = jnp.zeros((2, 16), jnp.int32)
+  with jax.disable_jit():  # eager: the keys are concrete
+    for step in (0, 1):
+      t.rt.apply(t.rt.init_params(0), ids, key=jax.random.fold_in(jax.random.key(0), step))
+  # per step: the embeddings, and 3 sites (attention probabilities, attention and MLP outputs)
+  # in each of 4 layers
+  assert len(seen) == 2 * (1 + 3 * 4) and len(set(seen)) == len(seen)
+
+
+def test_a_head_is_drawn_on_the_base_checkpoint(tiny, tmp_path, capsys):
+  base = tiny(**{'model.seq_len': 16})
+  path = params_checkpoint(tmp_path / 'gpt', train.setup(base, jax.devices()[:1]).rt)
+  run_dir = tmp_path / 'run'
+  train.main(['--config', 'tiny', '--config.model.kind=gpt_cls', f'--config.train.init_from={path}',
+              f'--config.data.train_jsonl={classify_data(tmp_path)}', "--config.data.labels=('neg','pos')",
+              '--config.model.seq_len=16', '--config.train.steps=1', '--config.train.eval_batches=1',
+              '--config.log.tensorboard=false', f'--config.train.run_dir={run_dir}'])
+  out = capsys.readouterr().out
+  assert f'initialized: parameters from {path} (gpt); drawn: cls' in out, out
+  assert (run_dir / 'checkpoints' / '1').is_dir()

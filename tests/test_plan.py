@@ -125,6 +125,8 @@ def test_analytic_activations_within_a_quarter_of_the_compiled_temporaries():
     (['--devices', '4096', '--config.mesh.fsdp=4096', '--config.data.batch_size=4096'],
      'the planner compiles at most 2048 devices'),
     (['--devices', '4096', '--sweep'], '--sweep simulates every layout of the 4096 devices, at most 2048'),
+    (['--devices', '4096', '--config.data.batch_size=4096', "--config.sharding.rules=(('embed','data'),)"],
+     "which needs only 'batch' on it; the rules also put embed there"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
   out = run_plan(*args, timeout=120)

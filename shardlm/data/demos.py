@@ -102,6 +102,11 @@ def packages(out: Path, per_class: int = 400, test_per_class: int = 60) -> dict:
   root = Path(sysconfig.get_paths()['stdlib'])
   chunks = {split: [] for split in ('train', 'test')}
   every = readable_files()
+  present = {f.relative_to(root).parts[0] for f, _ in every}
+  missing = [p for p in PACKAGES if p not in present]
+  if missing:  # distutils left in Python 3.12; some builds lack tkinter and idlelib
+    raise errors.ConfigError(f"this Python's standard library ({root}) lacks {', '.join(missing)}: "
+                             'the packages demo needs all of ' + ', '.join(PACKAGES))
   for package in PACKAGES:
     texts = [t for f, t in every if f.relative_to(root).parts[0] == package]
     for k, text in enumerate(texts):
@@ -130,11 +135,15 @@ def packages(out: Path, per_class: int = 400, test_per_class: int = 60) -> dict:
 
 
 def write(out: Path, splits: dict) -> None:
-  out.mkdir(parents=True, exist_ok=True)
-  for name, rows in splits.items():
-    tmp = out / f'.{name}.jsonl.tmp'
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    tmp.replace(out / f'{name}.jsonl')
+  """The splits as JSONL files: all written to temporary names first, then renamed."""
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+      (out / f'.{name}.jsonl.tmp').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  except OSError as e:
+    raise errors.ConfigError(f'--out {out}: cannot write there ({e.strerror})') from None
+  for name in splits:
+    (out / f'.{name}.jsonl.tmp').replace(out / f'{name}.jsonl')
 
 
 def main(argv=None):

@@ -36,7 +36,11 @@ def read_jsonl(path, formats: dict) -> list[dict]:
     raise ConfigError(f'{path}: no such file (a JSONL file of fine-tuning examples)')
   wanted = ' or '.join('{' + ', '.join(f'"{k}"' for k in keys) + '}' for keys in formats.values())
   out = []
-  with path.open('rb') as f:
+  try:
+    f = path.open('rb')
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot be read ({e.strerror})') from None
+  with f:
     for n, raw in enumerate(f, 1):
       where = f'{path}:{n}'
       if not raw.strip():
@@ -89,8 +93,9 @@ def sft_tokens(ex: dict, tok) -> tuple[np.ndarray, np.ndarray]:
                           f'{{"role": one of {", ".join(ROLES)}, "content": a string}}')
       # "role: " is context; an assistant's words and the newline after them are trained.
       parts += [(f"{m['role']}: ", False), (m['content'] + '\n', m['role'] == 'assistant')]
-    if not any(trained and text.strip() for text, trained in parts):
-      raise ConfigError(f'{ex["_where"]}: no assistant message with content: nothing to train on')
+    if messages[-1]['role'] != 'assistant' or not messages[-1]['content'].strip():
+      raise ConfigError(f'{ex["_where"]}: the last message is not the assistant\'s (with content): '
+                        'a dialogue is trained up to its last assistant turn, then end-of-document')
   ids, trained = [], []
   for text, t in parts:
     piece = tok.encode(text) if text else []
@@ -114,8 +119,10 @@ def pack_sft(examples: list[dict], tok, seq_len: int, overlong: str) -> dict:
       if overlong == 'error':
         raise ConfigError(f"{ex['_where']}: {len(ids)} tokens, more than model.seq_len + 1 = {T1}; "
                           "shorten it or set data.overlong='truncate'")
-      first = np.argmax(trained)  # keep the completion whole if it fits, else its start
-      cut = min(max(len(ids) - T1, 0), first)
+      # The prompt loses its start, keeping at least its last token (from which the first
+      # completion token is predicted); then the completion its end.
+      first = int(np.argmax(trained))
+      cut = min(len(ids) - T1, max(first - 1, 0))
       ids, trained = ids[cut:][:T1], trained[cut:][:T1]
     pieces.append((ids, trained))
   rows, row = [], []
@@ -163,24 +170,23 @@ def classify_rows(examples: list[dict], tok, seq_len: int, labels: tuple, bert: 
     label[n] = index[str(value)]
     texts = [_text(ex, 'text')] if ex['_form'] == 'single' else [_text(ex, 'text_a'), _text(ex, 'text_b')]
     parts = [list(tok.encode(t)) for t in texts]
-    if not bert and len(parts) == 2:
-      parts[0] += list(tok.encode('\n'))
-    room = seq_len - (len(parts) + 1 if bert else 0)
-    while sum(map(len, parts)) > room:
-      if overlong == 'error':
-        raise ConfigError(f"{ex['_where']}: {sum(map(len, parts))} tokens, more than the "
-                          f"{room} a row of model.seq_len={seq_len} holds; shorten it or set "
-                          "data.overlong='truncate'")
-      longest = max(parts, key=len)
-      del longest[room - sum(map(len, parts)):]  # trim the longest by the excess
+    newline = list(tok.encode('\n'))
+    room = seq_len - (len(parts) + 1 if bert else len(newline) * (len(parts) - 1))
+    if sum(map(len, parts)) > room and overlong == 'error':
+      raise ConfigError(f"{ex['_where']}: {sum(map(len, parts))} tokens, more than the {room} a "
+                        f"row of model.seq_len={seq_len} holds; shorten it or set "
+                        "data.overlong='truncate'")
+    while sum(map(len, parts)) > room:  # a token at a time from the longer text's end (Megatron)
+      max(parts, key=len).pop()
     if bert:
       seq = [special['cls']] + parts[0] + [special['sep']]
       kinds = [0] * len(seq)
       if len(parts) == 2:
         seq += parts[1] + [special['sep']]
         kinds += [1] * (len(parts[1]) + 1)
-    else:
-      seq, kinds = sum(parts, []), [0] * sum(map(len, parts))
+    else:  # a newline between a pair's texts
+      seq = parts[0] + (newline + parts[1] if len(parts) == 2 else [])
+      kinds = [0] * len(seq)
     ids[n, :len(seq)], types[n, :len(seq)], pad[n, :len(seq)] = seq, kinds, True
     if bert:
       ids[n, len(seq):] = special['pad']

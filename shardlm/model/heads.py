@@ -33,7 +33,7 @@ def _head(rngs, c: TransformerConfig):
   return bert._dense(rngs, c.hidden, c.num_labels, ('embed', None), c.init_std, jnp.dtype(c.param_dtype))
 
 
-def _logits(c: TransformerConfig, head, x_bd, key):
+def _logits(c: TransformerConfig, head, x_bd, key):  # [B, D] -> [B, labels]
   x_bd = dropout(x_bd, c.dropout, key)
   out = project(x_bd, head['kernel'][...].astype(c.dtype)) + head['bias'][...].astype(c.dtype)
   return out.astype(jnp.float32)
@@ -72,18 +72,18 @@ class BERTClassifier(bert.BERT):
 def choice_objective(model, batch, key=None):
   """Multiple choice: every (example, choice) row scored by a one-output head, a softmax over an
   example's choices (those it has), cross-entropy against the right one; accuracy."""
-  B, C, T = batch['ids'].shape
-  flat = (batch[k].reshape(B * C, T) for k in ('ids', 'types', 'pad'))
-  scores_bc = model.classify(*flat, key).reshape(B, C)
-  scores_bc = jnp.where(batch['valid'], scores_bc, -1e9)
-  logp_bc = jax.nn.log_softmax(scores_bc, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(logp_bc, batch['label'][:, None], axis=-1))
-  return loss, {'accuracy': jnp.mean(jnp.argmax(scores_bc, axis=-1) == batch['label'])}
+  B, choices, T = batch['ids'].shape
+  flat = (batch[k].reshape(B * choices, T) for k in ('ids', 'types', 'pad'))
+  scores = model.classify(*flat, key).reshape(B, choices)
+  scores = jnp.where(batch['valid'], scores, -1e9)
+  logp = jax.nn.log_softmax(scores, axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(logp, batch['label'][:, None], axis=-1))
+  return loss, {'accuracy': jnp.mean(jnp.argmax(scores, axis=-1) == batch['label'])}
 
 
 def classify_objective(model, batch, key=None):
   """Cross-entropy over the labels; accuracy."""
-  logits_bn = model.classify(batch['ids'], batch['types'], batch['pad'], key)
-  logp_bn = jax.nn.log_softmax(logits_bn, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(logp_bn, batch['label'][:, None], axis=-1))
-  return loss, {'accuracy': jnp.mean(jnp.argmax(logits_bn, axis=-1) == batch['label'])}
+  logits = model.classify(batch['ids'], batch['types'], batch['pad'], key)  # [B, labels]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(logp, batch['label'][:, None], axis=-1))
+  return loss, {'accuracy': jnp.mean(jnp.argmax(logits, axis=-1) == batch['label'])}
