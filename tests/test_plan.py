@@ -222,3 +222,26 @@ def test_a_sweep_ranks_the_layouts_the_formula_puts_first():
   assert all(0.5 < p['analytic_step_time_s'] / p['step_time_s'] < 2 for p in plans)
   times = [p['step_time_s'] for p in plans]
   assert times == sorted(times)
+
+
+def test_a_layout_xla_cannot_compile_is_one_config_error(monkeypatch):
+  # Past the config checks, XLA itself may refuse a layout (as XLA:CPU refuses programs over more
+  # than 2048 devices): its first line becomes the planner's one-line error.
+  cfg = tiny(**{'mesh.model': 2})
+  real = train.setup
+
+  def failing(c):
+    s = real(c)
+
+    class Lowered:
+      def compile(self):
+        raise jax.errors.JaxRuntimeError('INVALID_ARGUMENT: no such collective\nmore detail')
+
+    class Step:
+      def lower(self, *args):
+        return Lowered()
+    return type(s)(**{**s.__dict__, 'step': Step()})
+  monkeypatch.setattr(train, 'setup', failing)
+  with pytest.raises(config.ConfigError, match=r"the step does not compile on mesh \{'data': 4.*"
+                                               r"'model': 2\}: INVALID_ARGUMENT: no such collective$"):
+    plan.make_plan(cfg, 'h100')
