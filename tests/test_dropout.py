@@ -41,15 +41,13 @@ def test_dropout_masks_change_with_the_step_and_the_micro_batch(tiny):
   assert losses[0] != losses[1]
 
 
-@pytest.mark.parametrize('layout', [
-    {'sharding.preset': 'megatron', 'mesh.model': 4},
-    {'sharding.preset': 'megatron_fsdp', 'mesh.fsdp': 2, 'mesh.model': 2},
-    {'sharding.preset': 'dp', 'optimizer.grad_accum_steps': 2},
-])
-def test_dropout_is_the_same_on_every_layout(tiny, layout):
-  one = run_steps(tiny(**DROP, **{k: v for k, v in layout.items() if k.startswith('optim')}),
-                  devices=jax.devices()[:1])[2]['loss']
-  many = run_steps(tiny(**DROP, **layout))[2]['loss']
+def test_dropout_is_the_same_on_every_layout(tiny):
+  # tensor parallel, FSDP and data parallel at once, with 2 accumulation steps (each micro-batch
+  # draws its own masks), against one device
+  accum = {'optimizer.grad_accum_steps': 2}
+  one = run_steps(tiny(**DROP, **accum), devices=jax.devices()[:1])[2]['loss']
+  many = run_steps(tiny(**DROP, **accum, **{'sharding.preset': 'megatron_fsdp', 'mesh.fsdp': 2,
+                                            'mesh.model': 2}))[2]['loss']
   np.testing.assert_allclose(many, one, rtol=1e-5)
 
 

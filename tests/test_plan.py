@@ -207,14 +207,14 @@ def test_the_formula_for_a_pipelined_step():
 
 def test_a_sweep_ranks_the_layouts_the_formula_puts_first():
   # tiny (4 heads, 4 layers, batch 16) on 2 devices: data, fsdp, model (two presets) or stage of 2
-  # (M = 2, 4, 8): 7 layouts over 4 meshes; the formula's best 5 are compiled and ranked.
+  # (M = 2, 4, 8): 7 layouts over 4 meshes; the formula's best 3 are compiled and ranked.
   every = plan.layouts(tiny(), 2, plan.DEVICES['h100'])
   assert len(every) == 7 and len({tuple(sorted(o.items())) for o in every}) == 7
   out = run_plan('--config', 'tiny', '--devices', '2', '--device', 'h100', '--sweep', '--json',
-                 '--top', '5')
+                 '--top', '3')
   assert out.returncode == 0, out.stderr[-2000:]
   plans = json.loads(out.stdout)
-  assert len(plans) == 5 and all(p['fits'] and p['remat'] == 'none' for p in plans)
+  assert len(plans) == 3 and all(p['fits'] and p['remat'] == 'none' for p in plans)
   assert all(p['mesh']['data'] * p['mesh']['fsdp'] * p['mesh']['model'] * p['mesh']['stage'] == 2
              for p in plans)
   print([(p['step_time_s'], p['analytic_step_time_s']) for p in plans])
