@@ -14,6 +14,7 @@ is drawn from (seed, j), so a batch is a pure function of the step.
 import jax
 import numpy as np
 
+from shardlm.data import loader
 from shardlm.errors import ConfigError
 
 SPECIALS = ('cls', 'sep', 'mask', 'pad')
@@ -128,9 +129,7 @@ class BertBatches:
   def global_batch(self, step: int, shardings: dict) -> dict:
     """Each process builds only its own rows; one global array per field."""
     B = self.batch_size
-    ranges = [idx[0].indices(B) for idx in
-              shardings['ids'].addressable_devices_indices_map((B, self.T)).values()]
-    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    start, stop = loader.local_rows(shardings['ids'], (B, self.T))
     local = self.rows(step, start, stop)
     return {k: jax.make_array_from_process_local_data(shardings[k], v, (B, *v.shape[1:]))
             for k, v in local.items()}

@@ -76,6 +76,12 @@ def _seed(seed: int, k: int) -> int:
   return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])  # grain wants 32 bits
 
 
+def local_rows(sharding, shape) -> tuple[int, int]:
+  """[start, stop): the rows of a global batch of `shape` this process's devices hold."""
+  rows = [idx[0].indices(shape[0]) for idx in sharding.addressable_devices_indices_map(shape).values()]
+  return min(r[0] for r in rows), max(r[1] for r in rows)
+
+
 class Batches:
   """Global batches of [B, T+1] int32 tokens from one token stream or a weighted blend of several.
 
@@ -141,8 +147,7 @@ class Batches:
   def global_batch(self, step: int, sharding) -> jax.Array:
     """The step's [B, T+1] batch as one global array; each process reads only its own rows."""
     shape = (self.batch_size, self.seq_len + 1)
-    rows = [idx[0].indices(shape[0]) for idx in sharding.addressable_devices_indices_map(shape).values()]
-    start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+    start, stop = local_rows(sharding, shape)
     return jax.make_array_from_process_local_data(sharding, self._local_rows(step, start, stop), shape)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from shardlm.data import bert as bert_data
+from shardlm.data import bert as bert_data, loader
 from shardlm.errors import ConfigError
 
 OVERLONG = ('error', 'truncate')
@@ -243,10 +243,8 @@ class TaskBatches:
   def global_batch(self, step: int, shardings: dict) -> dict:
     """Each process builds only its own rows; one global array per field."""
     B = self.batch_size
-    first = next(iter(shardings.values()))
-    shape = (B, *next(iter(self.arrays.values())).shape[1:])
-    ranges = [idx[0].indices(B) for idx in first.addressable_devices_indices_map(shape).values()]
-    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    name = next(iter(self.arrays))  # every field is split by rows alike
+    start, stop = loader.local_rows(shardings[name], (B, *self.arrays[name].shape[1:]))
     local = self.rows(step, start, stop)
     return {k: jax.make_array_from_process_local_data(shardings[k], v, (B, *v.shape[1:]))
             for k, v in local.items()}
