@@ -126,6 +126,7 @@ def generation(model, examples: list[Example], path: Path, metric_names, batch_s
     text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids).strip()
     outputs.append(text.split('\n', 1)[0].strip() if stop_at_newline else text)
   result = {'examples': len(examples), 'max_tokens': max_tokens,
+            **({'no_repeat_ngram': sampling['no_repeat_ngram']} if sampling.get('no_repeat_ngram') else {}),
             'generated_tokens': int(sum(len(ids) for ids in new)),
             **metrics.score(outputs, [e.reference for e in examples], metric_names)}
   return result, outputs
@@ -213,7 +214,7 @@ def read_data(path: Path, task: str):
 
 
 GENERATE_FLAGS = ('metrics', 'max_tokens', 'stop_at_newline', 'out', 'temperature', 'top_k', 'top_p',
-                  'seed')
+                  'seed', 'no_repeat_ngram')
 
 
 def main(argv=None):
@@ -241,6 +242,7 @@ def _main(argv):
   gen.add_argument('--top-k', type=int, default=0)
   gen.add_argument('--top-p', type=float, default=1.0)
   gen.add_argument('--seed', type=int, default=0)
+  generate.add_no_repeat_ngram(gen)
   args, overrides = parser.parse_known_args(argv)
   if args.batch_size < 1:
     raise ConfigError(f'--batch-size {args.batch_size} must be >= 1')
@@ -288,7 +290,8 @@ def _main(argv):
       raise ConfigError(f'--top-k {args.top_k} exceeds the vocabulary of {model.cfg.model.vocab_size}')
     result, outputs = generation(model, data, path, names, args.batch_size, args.max_tokens,
                                  args.stop_at_newline, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 no_repeat_ngram=args.no_repeat_ngram)
   if jax.process_index() != 0:  # many processes: the first one prints and writes
     return
   if args.out and outputs is not None:

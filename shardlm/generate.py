@@ -2,7 +2,9 @@
 
 Decoding keeps a key/value cache (split over heads on the model axis), so each new token costs
 one position, not the whole prefix. Greedy (--temperature 0) or sampled with temperature,
-top-k and top-p; a batch of prompts from a file (one per line); stops at end-of-document or
+top-k and top-p; --no-repeat-ngram N forbids a token that would repeat an N-gram of the output
+(fairseq's and Hugging Face's n-gram blocking, over the new tokens only, so that a prompt's words
+can still be copied); a batch of prompts from a file (one per line); stops at end-of-document or
 after --max-tokens; streams the first prompt's tokens as they come.
 """
 import argparse
@@ -19,8 +21,24 @@ from shardlm.errors import ConfigError
 from shardlm.model.gpt import mask_padding
 
 
-def sample(logits_bv, key, temperature: float, top_k: int, top_p: float):
-  """One token per row. Padded vocabulary entries must already be masked (-1e9)."""
+def repeated_ngrams(outputs: list[list[int]], n: int, width: int) -> np.ndarray:
+  """[B, width] bool: the tokens that would complete, at the end of each row of `outputs`, an
+  n-gram that row already holds (for n = 1, every token it holds)."""
+  banned = np.zeros((len(outputs), width), bool)
+  for b, out in enumerate(outputs):
+    k = n - 1
+    suffix = out[len(out) - k:] if k else []
+    for j in range(len(out) - k):  # each earlier n-gram out[j:j + n]
+      if out[j:j + k] == suffix:
+        banned[b, out[j + k]] = True
+  return banned
+
+
+def sample(logits_bv, key, temperature: float, top_k: int, top_p: float, banned_bv=None):
+  """One token per row. Padded vocabulary entries must already be masked (-1e9); `banned_bv`
+  (bool, optional) masks more."""
+  if banned_bv is not None:
+    logits_bv = jnp.where(banned_bv, -1e9, logits_bv)
   if temperature <= 0:
     return jnp.argmax(logits_bv, axis=-1)
   logits_bv = logits_bv / temperature
@@ -56,8 +74,9 @@ class Generator:
     def init_cache(params, batch, length):
       return rt.apply(params, batch, length, method='init_cache')
 
-    def next_token(logits_bv, seed, t, temperature, top_k, top_p):
-      return sample(logits_bv, jax.random.fold_in(jax.random.key(seed), t), temperature, top_k, top_p)
+    def next_token(logits_bv, seed, t, temperature, top_k, top_p, banned_bv):
+      return sample(logits_bv, jax.random.fold_in(jax.random.key(seed), t), temperature, top_k, top_p,
+                    banned_bv)
 
     # Inputs go in as numpy (the same in every process) and the sampled tokens come out
     # replicated, so that any process of a multi-process job can read them.
@@ -67,9 +86,11 @@ class Generator:
     self._next = jax.jit(next_token, static_argnums=(1, 3, 4, 5), out_shardings=rt.replicated)
 
   def __call__(self, prompts: list[np.ndarray], max_tokens: int, temperature=0.0, top_k=0,
-               top_p=1.0, seed=0, use_cache=True, on_token=None, prompt_len=0) -> list[np.ndarray]:
+               top_p=1.0, seed=0, use_cache=True, on_token=None, prompt_len=0,
+               no_repeat_ngram=0) -> list[np.ndarray]:
     """New tokens per prompt (up to end-of-document, included, or max_tokens). Prompts are
-    left-padded to the longest, or to `prompt_len` if that is longer."""
+    left-padded to the longest, or to `prompt_len` if that is longer. `no_repeat_ngram` N > 0:
+    no row's new tokens repeat an N-gram of its new tokens."""
     B, P = len(prompts), max(prompt_len, *(len(p) for p in prompts))
     S = P + max_tokens
     if S > self.seq_len:
@@ -92,8 +113,10 @@ class Generator:
                                      {'pos': np.int32(first), 'start': start})
       else:
         logits = self._full(self.params, ids, np.int32(pos))
+      # Worked out on the host, the same in every process: the rows' own tokens so far.
+      banned = repeated_ngrams(out, no_repeat_ngram, logits.shape[-1]) if no_repeat_ngram else None
       token = np.asarray(self._next(logits, int(seed), np.int32(t), float(temperature),
-                                    int(top_k), float(top_p)))
+                                    int(top_k), float(top_p), banned))
       ids[:, pos] = token
       for b in range(B):
         if not done[b]:
@@ -137,6 +160,11 @@ def read_prompts(args) -> list[str]:
   return [t.replace('\\n', '\n').replace('\\t', '\t') for t in texts]
 
 
+def add_no_repeat_ngram(parser) -> None:
+  parser.add_argument('--no-repeat-ngram', type=int, default=0, metavar='N',
+                      help='never repeat an N-gram of the new tokens (0, the default: off)')
+
+
 def check_sampling(args) -> None:
   """Numbers finite and in range, before anything is loaded."""
   if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -147,6 +175,8 @@ def check_sampling(args) -> None:
     raise ConfigError(f'--top-k {args.top_k} must be >= 0 (0: off)')
   if not -2**63 < args.seed < 2**63:
     raise ConfigError(f'--seed {args.seed} must fit in 64 bits')
+  if args.no_repeat_ngram < 0:
+    raise ConfigError(f'--no-repeat-ngram {args.no_repeat_ngram} must be >= 0 (0: off)')
   if not 0 < args.top_p <= 1:  # nan fails this too
     raise ConfigError(f'--top-p {args.top_p} must lie in (0, 1] (1: off)')
   if args.temperature == 0 and (args.top_k or args.top_p < 1):
@@ -170,6 +200,7 @@ def _main(argv):
   parser.add_argument('--top-k', type=int, default=0)
   parser.add_argument('--top-p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
+  add_no_repeat_ngram(parser)
   args, overrides = parser.parse_known_args(argv)
   check_sampling(args)
   texts = read_prompts(args)
@@ -205,7 +236,7 @@ def _main(argv):
 
   t0 = time.perf_counter()
   outs = gen(prompts, max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-             on_token=on_token)
+             on_token=on_token, no_repeat_ngram=args.no_repeat_ngram)
   dt = time.perf_counter() - t0
   if not show:
     return

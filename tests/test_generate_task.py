@@ -92,6 +92,19 @@ def test_generate_task_end_to_end(checkpoint, tmp_path, capsys):
   assert printed['exact'] == pytest.approx(100 / 3) and printed['chrf'] > 0 and printed['rouge1'] > 0
   assert printed['examples'] == 3 and printed['max_tokens'] == 8
   assert printed['bleu_signature'].startswith('nrefs:1|case:mixed|eff:no|tok:13a')
+  # n-gram blocking: the repeated byte is refused once its bigram has been written.
+  ids = m.tokenizer.encode(prompts[0])
+  plain, blocked = gen([ids], 12)[0].tolist(), gen([ids], 12, no_repeat_ngram=2)[0].tolist()
+  bigrams = list(zip(blocked, blocked[1:]))
+  assert len(set(bigrams)) == len(bigrams) and len(set(zip(plain, plain[1:]))) < len(plain) - 1
+
+
+def test_repeated_ngrams_are_the_tokens_that_would_repeat_one():
+  banned = generate.repeated_ngrams([[5, 6, 5], [5, 6, 7, 5, 6], [], [4]], 3, 10)
+  assert [np.flatnonzero(b).tolist() for b in banned] == [[], [7], [], []]
+  banned = generate.repeated_ngrams([[5, 6, 5], [1, 2, 1, 2]], 2, 10)  # after 5 not 6; after 2 not 1
+  assert [np.flatnonzero(b).tolist() for b in banned] == [[6], [1]]
+  assert np.flatnonzero(generate.repeated_ngrams([[3, 1, 3]], 1, 5)[0]).tolist() == [1, 3]
 
 
 def cli_error(args, capsys) -> str:
@@ -130,6 +143,7 @@ def test_a_bad_line_names_file_and_line_and_writes_nothing(line, expected, tmp_p
                                    'list of bleu, chrf, rouge, exact'),
     (['--out', '/nonexistent/gen.jsonl'], '--out /nonexistent/gen.jsonl: no directory /nonexistent'),
     (['--temperature', '-1'], '--temperature -1.0 must be'),
+    (['--no-repeat-ngram', '-1'], '--no-repeat-ngram -1 must be >= 0 (0: off)'),
 ])
 def test_bad_flags_are_refused_before_loading(args, expected, tmp_path, capsys):
   data = tmp_path / 'test.jsonl'
