@@ -125,8 +125,8 @@ def generation(model, examples: list[Example], path: Path, metric_names, batch_s
   for ids in new:
     text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids).strip()
     outputs.append(text.split('\n', 1)[0].strip() if stop_at_newline else text)
-  result = {'examples': len(examples), 'max_tokens': max_tokens,
-            **({'no_repeat_ngram': sampling['no_repeat_ngram']} if sampling.get('no_repeat_ngram') else {}),
+  blocked = {'no_repeat_ngram': sampling['no_repeat_ngram']} if sampling.get('no_repeat_ngram') else {}
+  result = {'examples': len(examples), 'max_tokens': max_tokens, **blocked,
             'generated_tokens': int(sum(len(ids) for ids in new)),
             **metrics.score(outputs, [e.reference for e in examples], metric_names)}
   return result, outputs

@@ -114,9 +114,9 @@ class Generator:
       else:
         logits = self._full(self.params, ids, np.int32(pos))
       # Worked out on the host, the same in every process: the rows' own tokens so far.
-      banned = repeated_ngrams(out, no_repeat_ngram, logits.shape[-1]) if no_repeat_ngram else None
+      banned_bv = repeated_ngrams(out, no_repeat_ngram, logits.shape[-1]) if no_repeat_ngram else None
       token = np.asarray(self._next(logits, int(seed), np.int32(t), float(temperature),
-                                    int(top_k), float(top_p), banned))
+                                    int(top_k), float(top_p), banned_bv))
       ids[:, pos] = token
       for b in range(B):
         if not done[b]:
