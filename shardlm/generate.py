@@ -21,17 +21,38 @@ from shardlm.errors import ConfigError
 from shardlm.model.gpt import mask_padding
 
 
+class NgramBlocker:
+  """The tokens each row may not write next: those that would complete an n-gram the row already
+  holds (for n = 1, every token it holds). Kept up to date a token at a time, so a step costs
+  O(batch), not O(batch x length)."""
+
+  def __init__(self, rows: int, n: int):
+    self.n, self.out = n, [[] for _ in range(rows)]
+    self.follows = [{} for _ in range(rows)]  # per row: (n-1)-gram -> the tokens seen after it
+
+  def add(self, row: int, token: int) -> None:
+    out = self.out[row]
+    out.append(token)
+    if len(out) >= self.n:
+      self.follows[row].setdefault(tuple(out[len(out) - self.n:-1]), set()).add(token)
+
+  def banned(self, width: int) -> np.ndarray:
+    """[rows, width] bool."""
+    banned = np.zeros((len(self.out), width), bool)
+    for b, out in enumerate(self.out):
+      after = self.follows[b].get(tuple(out[len(out) - self.n + 1:]) if self.n > 1 else ())
+      if after:
+        banned[b, list(after)] = True
+    return banned
+
+
 def repeated_ngrams(outputs: list[list[int]], n: int, width: int) -> np.ndarray:
-  """[B, width] bool: the tokens that would complete, at the end of each row of `outputs`, an
-  n-gram that row already holds (for n = 1, every token it holds)."""
-  banned = np.zeros((len(outputs), width), bool)
+  """NgramBlocker's [B, width] answer for whole outputs at once."""
+  blocker = NgramBlocker(len(outputs), n)
   for b, out in enumerate(outputs):
-    k = n - 1
-    suffix = out[len(out) - k:] if k else []
-    for j in range(len(out) - k):  # each earlier n-gram out[j:j + n]
-      if out[j:j + k] == suffix:
-        banned[b, out[j + k]] = True
-  return banned
+    for token in out:
+      blocker.add(b, token)
+  return blocker.banned(width)
 
 
 def sample(logits_bv, key, temperature: float, top_k: int, top_p: float, banned_bv=None):
@@ -102,6 +123,7 @@ class Generator:
     start = np.asarray([P - len(p) for p in prompts], np.int32)
     done = np.zeros(B, bool)
     out = [[] for _ in range(B)]
+    blocker = NgramBlocker(B, no_repeat_ngram) if no_repeat_ngram else None
     if not use_cache and any(len(p) != P for p in prompts):
       raise ValueError('decoding without the cache needs prompts of one length')
     cache = self._init_cache(self.params, B, S) if use_cache else None
@@ -114,13 +136,15 @@ class Generator:
       else:
         logits = self._full(self.params, ids, np.int32(pos))
       # Worked out on the host, the same in every process: the rows' own tokens so far.
-      banned_bv = repeated_ngrams(out, no_repeat_ngram, logits.shape[-1]) if no_repeat_ngram else None
+      banned_bv = blocker.banned(logits.shape[-1]) if blocker is not None else None
       token = np.asarray(self._next(logits, int(seed), np.int32(t), float(temperature),
                                     int(top_k), float(top_p), banned_bv))
       ids[:, pos] = token
       for b in range(B):
         if not done[b]:
           out[b].append(int(token[b]))
+          if blocker is not None:
+            blocker.add(b, int(token[b]))
           done[b] = token[b] == self.eod_id
       if on_token:
         on_token(int(token[0]), bool(done[0]) and out[0][-1] == self.eod_id)
