@@ -12,6 +12,7 @@ generate: JSONL of {"prompt": ..., "completion": ...}; generates for every promp
 (greedy unless --temperature), stopping at end-of-document or --max-tokens, and scores the
 outputs against the completions with --metrics: bleu and chrf (sacrebleu, its signature
 printed), rouge (rouge-score's rouge1/2/L/Lsum F-measure), exact (share equal after strip).
+--mbr K: minimum-Bayes-risk decoding over the greedy output and K samples per prompt.
 
 classify: a classifier checkpoint (model.kind gpt_cls or bert_cls) on JSONL of {"text", "label"}
 or {"text_a", "text_b", "label"}: accuracy, macro-F1, and the most frequent label's accuracy.
@@ -97,12 +98,14 @@ class Example:
 
 
 def generation(model, examples: list[Example], path: Path, metric_names, batch_size: int,
-               max_tokens: int = 0, stop_at_newline: bool = False, **sampling):
+               max_tokens: int = 0, stop_at_newline: bool = False, mbr: int = 0, **sampling):
   """Outputs for every example's prompt, scored against its reference: (result, outputs).
 
   `max_tokens` 0: as many as the longest prompt leaves room for, up to 200. An output is the
   decoded new tokens without end-of-document, stripped; with `stop_at_newline` only its first
-  line.
+  line. `mbr` K > 0: minimum-Bayes-risk decoding; the candidates are the greedy output and K
+  samples (`sampling`, with seeds seed + 1 .. seed + K), and each prompt keeps the one of
+  highest ROUGE-L against the others (metrics.mbr_pick).
   """
   tok, T = model.tokenizer, model.cfg.model.seq_len
   prompts = [tok.encode(e.prompt) for e in examples]
@@ -120,14 +123,28 @@ def generation(model, examples: list[Example], path: Path, metric_names, batch_s
                       f"{max_tokens} exceeds the model's {T} positions; shorten the prompt or "
                       f'--max-tokens (at most {room})')
   gen = generate.Generator(model.rt, model.params, tok.eod_id)
-  new = generate.in_batches(gen, prompts, batch_size, max_tokens, **sampling)
-  outputs = []
-  for ids in new:
-    text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids).strip()
-    outputs.append(text.split('\n', 1)[0].strip() if stop_at_newline else text)
-  blocked = {'no_repeat_ngram': sampling['no_repeat_ngram']} if sampling.get('no_repeat_ngram') else {}
-  result = {'examples': len(examples), 'max_tokens': max_tokens, **blocked,
-            'generated_tokens': int(sum(len(ids) for ids in new)),
+
+  def decoded(**overrides):
+    new = generate.in_batches(gen, prompts, batch_size, max_tokens, **{**sampling, **overrides})
+    texts = []
+    for ids in new:
+      text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids).strip()
+      texts.append(text.split('\n', 1)[0].strip() if stop_at_newline else text)
+    return texts, sum(len(ids) for ids in new)
+
+  if mbr:
+    runs = [decoded(temperature=0.0)]
+    runs += [decoded(seed=sampling.get('seed', 0) + k) for k in range(1, mbr + 1)]
+    candidates = list(zip(*(texts for texts, _ in runs)))  # per example: greedy, then samples
+    outputs = [c[metrics.mbr_pick(c)] for c in candidates]
+    options = {'mbr': mbr, 'mbr_greedy_kept': sum(o == c[0] for o, c in zip(outputs, candidates))}
+  else:
+    runs = [decoded()]
+    outputs, options = runs[0][0], {}
+  if sampling.get('no_repeat_ngram'):
+    options['no_repeat_ngram'] = sampling['no_repeat_ngram']
+  result = {'examples': len(examples), 'max_tokens': max_tokens, **options,
+            'generated_tokens': int(sum(n for _, n in runs)),
             **metrics.score(outputs, [e.reference for e in examples], metric_names)}
   return result, outputs
 
@@ -214,7 +231,7 @@ def read_data(path: Path, task: str):
 
 
 GENERATE_FLAGS = ('metrics', 'max_tokens', 'stop_at_newline', 'out', 'temperature', 'top_k', 'top_p',
-                  'seed', 'no_repeat_ngram')
+                  'seed', 'no_repeat_ngram', 'mbr')
 
 
 def main(argv=None):
@@ -243,6 +260,10 @@ def _main(argv):
   gen.add_argument('--top-p', type=float, default=1.0)
   gen.add_argument('--seed', type=int, default=0)
   generate.add_no_repeat_ngram(gen)
+  gen.add_argument('--mbr', type=int, default=0, metavar='K',
+                   help='minimum-Bayes-risk decoding: the greedy output and K samples at --temperature '
+                   '(> 0; 0.7 is a good start) per prompt, keeping the one of highest ROUGE-L against '
+                   'the others (0, the default: off)')
   args, overrides = parser.parse_known_args(argv)
   if args.batch_size < 1:
     raise ConfigError(f'--batch-size {args.batch_size} must be >= 1')
@@ -259,6 +280,11 @@ def _main(argv):
   names = [m.strip() for m in args.metrics.split(',') if m.strip()]
   if args.task == 'generate':
     generate.check_sampling(args)
+    if args.mbr < 0 or (args.mbr and args.temperature == 0):
+      raise ConfigError(f'--mbr {args.mbr}: ' + ('must be >= 0 (0: off)' if args.mbr < 0 else
+                        'its samples need --temperature > 0 (0.7 is a good start)'))
+    if args.seed + args.mbr >= 2**63:
+      raise ConfigError(f'--seed {args.seed} + --mbr {args.mbr}: the samples\' seeds must fit in 64 bits')
     unknown = [m for m in names if m not in metrics.METRICS]
     if unknown or not names:
       raise ConfigError(f'--metrics {args.metrics!r}: ' + (f'no metric {unknown[0]!r}; ' if unknown else '')
@@ -291,7 +317,7 @@ def _main(argv):
     result, outputs = generation(model, data, path, names, args.batch_size, args.max_tokens,
                                  args.stop_at_newline, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                 no_repeat_ngram=args.no_repeat_ngram)
+                                 no_repeat_ngram=args.no_repeat_ngram, mbr=args.mbr)
   if jax.process_index() != 0:  # many processes: the first one prints and writes
     return
   if args.out and outputs is not None:

@@ -3,7 +3,8 @@
 Every score is on a 0-100 scale. BLEU and chrF are corpus-level (sacrebleu's defaults: 13a
 tokenization, exponential smoothing; the signature says so); ROUGE is the mean over examples
 of rouge-score's F-measure, reference first, with the Porter stemmer; exact is the share of
-outputs equal to their reference after stripping surrounding whitespace.
+outputs equal to their reference after stripping surrounding whitespace. mbr_pick chooses
+among candidate outputs by the same ROUGE-L, for minimum-Bayes-risk decoding.
 """
 import re
 
@@ -49,3 +50,20 @@ def score(hypotheses: list[str], references: list[str], metrics=('bleu', 'rouge'
   if 'exact' in metrics:
     out['exact'] = 100 * sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(references)
   return out
+
+
+def mbr_pick(candidates) -> int:
+  """Minimum-Bayes-risk choice among one prompt's candidate outputs: the index of the one with
+  the highest total ROUGE-L F-measure against all the others, which stand in for the model's
+  distribution (the candidate closest to what the model would say on average). Ties: the first.
+  """
+  if not candidates:
+    raise ValueError('no candidate to choose from')
+  scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
+  total = [0.0] * len(candidates)
+  for i in range(len(candidates)):
+    for j in range(i + 1, len(candidates)):  # the F-measure is symmetric: each pair once
+      f = scorer.score(target=candidates[j], prediction=candidates[i])['rougeL'].fmeasure
+      total[i] += f
+      total[j] += f
+  return max(range(len(candidates)), key=total.__getitem__)

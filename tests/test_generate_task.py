@@ -99,6 +99,44 @@ def test_generate_task_end_to_end(checkpoint, tmp_path, capsys):
   assert len(set(bigrams)) == len(bigrams) and len(set(zip(plain, plain[1:]))) < len(plain) - 1
 
 
+def test_mbr_pick_is_the_candidate_of_highest_total_rouge_l_against_the_others():
+  scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
+  for candidates in (['a dog ran home', 'the cat sat', 'the cat sat on the mat', 'cats sitting down'],
+                     ['Return the files.', 'Returns a list of files.', 'Open a file.', 'List files.'],
+                     ['one', 'two', 'three']):
+    total = [sum(scorer.score(o, c)['rougeL'].fmeasure for o in candidates if o is not c)
+             for c in candidates]
+    assert metrics.mbr_pick(candidates) == int(np.argmax(total))  # argmax: the first of a tie
+  assert metrics.mbr_pick(['a dog ran home', 'the cat sat', 'the cat sat on the mat']) == 1
+  assert metrics.mbr_pick(['one', 'two', 'three']) == 0 and metrics.mbr_pick(['only']) == 0
+
+
+def test_generate_task_with_mbr_keeps_each_prompts_pick_of_greedy_and_samples(checkpoint, tmp_path,
+                                                                                capsys):
+  prompts = ['def f(x):\n    ret', 'import o', 'class A:\n  de']
+  data = tmp_path / 'test.jsonl'
+  data.write_text(''.join(json.dumps({'prompt': p, 'completion': 'Return x.'}) + '\n' for p in prompts))
+  out = tmp_path / 'gen.jsonl'
+  evaluate.main(['--checkpoint', str(checkpoint), '--task', 'generate', '--data', str(data),
+                 '--metrics', 'rouge', '--max-tokens', '6', '--batch-size', '2', '--temperature', '1.5',
+                 '--seed', '5', '--mbr', '3', '--out', str(out), '--config.mesh.model=1'])
+  printed = json.loads(capsys.readouterr().out)
+  hyps = [json.loads(line)['output'] for line in out.read_text().splitlines()]
+  m = inference.load(checkpoint, devices=jax.devices()[:1])
+  gen = generate.Generator(m.rt, m.params, m.tokenizer.eod_id)
+  ids = [m.tokenizer.encode(p) for p in prompts]
+  runs = [generate.in_batches(gen, ids, 2, 6, **kw)
+          for kw in [{}] + [dict(temperature=1.5, seed=5 + k) for k in (1, 2, 3)]]
+  eod = m.tokenizer.eod_id
+  candidates = [[m.tokenizer.decode(run[i][:-1] if run[i][-1] == eod else run[i]).strip()
+                 for run in runs] for i in range(3)]
+  picks = [metrics.mbr_pick(c) for c in candidates]
+  assert hyps == [c[k] for c, k in zip(candidates, picks)]
+  assert any(c[k] != c[0] for c, k in zip(candidates, picks))  # a sample kept, not the greedy one
+  assert printed['mbr'] == 3 and printed['generated_tokens'] == sum(len(t) for r in runs for t in r)
+  assert printed['rougeL'] == pytest.approx(metrics.score(hyps, ['Return x.'] * 3, ['rouge'])['rougeL'])
+
+
 def test_repeated_ngrams_are_the_tokens_that_would_repeat_one():
   banned = generate.repeated_ngrams([[5, 6, 5], [5, 6, 7, 5, 6], [], [4]], 3, 10)
   assert [np.flatnonzero(b).tolist() for b in banned] == [[], [7], [], []]
@@ -144,6 +182,8 @@ def test_a_bad_line_names_file_and_line_and_writes_nothing(line, expected, tmp_p
     (['--out', '/nonexistent/gen.jsonl'], '--out /nonexistent/gen.jsonl: no directory /nonexistent'),
     (['--temperature', '-1'], '--temperature -1.0 must be'),
     (['--no-repeat-ngram', '-1'], '--no-repeat-ngram -1 must be >= 0 (0: off)'),
+    (['--mbr', '8'], '--mbr 8: its samples need --temperature > 0 (0.7 is a good start)'),
+    (['--mbr', '-1', '--temperature', '0.7'], '--mbr -1: must be >= 0 (0: off)'),
 ])
 def test_bad_flags_are_refused_before_loading(args, expected, tmp_path, capsys):
   data = tmp_path / 'test.jsonl'
