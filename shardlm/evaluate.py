@@ -133,6 +133,8 @@ def generation(model, examples: list[Example], path: Path, metric_names, batch_s
     return texts, sum(len(ids) for ids in new)
 
   if mbr:
+    if not sampling.get('temperature'):
+      raise ValueError('minimum-Bayes-risk decoding samples: give a temperature > 0')
     runs = [decoded(temperature=0.0)]
     runs += [decoded(seed=sampling.get('seed', 0) + k) for k in range(1, mbr + 1)]
     candidates = list(zip(*(texts for texts, _ in runs)))  # per example: greedy, then samples
@@ -280,11 +282,13 @@ def _main(argv):
   names = [m.strip() for m in args.metrics.split(',') if m.strip()]
   if args.task == 'generate':
     generate.check_sampling(args)
-    if args.mbr < 0 or (args.mbr and args.temperature == 0):
-      raise ConfigError(f'--mbr {args.mbr}: ' + ('must be >= 0 (0: off)' if args.mbr < 0 else
-                        'its samples need --temperature > 0 (0.7 is a good start)'))
+    if args.mbr < 0 or args.mbr == 1:
+      raise ConfigError(f'--mbr {args.mbr} must be 0 (off) or >= 2 (with one sample, the greedy '
+                        'output always ties and is kept)')
+    if args.mbr and args.temperature == 0:
+      raise ConfigError(f'--mbr {args.mbr}: its samples need --temperature > 0 (0.7 is a good start)')
     if args.seed + args.mbr >= 2**63:
-      raise ConfigError(f'--seed {args.seed} + --mbr {args.mbr}: the samples\' seeds must fit in 64 bits')
+      raise ConfigError(f"--seed {args.seed} + --mbr {args.mbr}: the samples' seeds must fit in 64 bits")
     unknown = [m for m in names if m not in metrics.METRICS]
     if unknown or not names:
       raise ConfigError(f'--metrics {args.metrics!r}: ' + (f'no metric {unknown[0]!r}; ' if unknown else '')

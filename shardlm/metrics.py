@@ -52,11 +52,9 @@ def score(hypotheses: list[str], references: list[str], metrics=('bleu', 'rouge'
   return out
 
 
-def mbr_pick(candidates) -> int:
+def mbr_pick(candidates: list[str]) -> int:
   """Minimum-Bayes-risk choice among one prompt's candidate outputs: the index of the one with
-  the highest total ROUGE-L F-measure against all the others, which stand in for the model's
-  distribution (the candidate closest to what the model would say on average). Ties: the first.
-  """
+  the highest total ROUGE-L F-measure against all the others. Ties: the first."""
   if not candidates:
     raise ValueError('no candidate to choose from')
   scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)

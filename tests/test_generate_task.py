@@ -103,12 +103,13 @@ def test_mbr_pick_is_the_candidate_of_highest_total_rouge_l_against_the_others()
   scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
   for candidates in (['a dog ran home', 'the cat sat', 'the cat sat on the mat', 'cats sitting down'],
                      ['Return the files.', 'Returns a list of files.', 'Open a file.', 'List files.'],
-                     ['one', 'two', 'three']):
-    total = [sum(scorer.score(o, c)['rougeL'].fmeasure for o in candidates if o is not c)
-             for c in candidates]
+                     ['one', 'two', 'three'], ['x y', 'a b', 'a b', 'a c']):
+    total = [sum(scorer.score(o, c)['rougeL'].fmeasure for j, o in enumerate(candidates) if j != i)
+             for i, c in enumerate(candidates)]
     assert metrics.mbr_pick(candidates) == int(np.argmax(total))  # argmax: the first of a tie
   assert metrics.mbr_pick(['a dog ran home', 'the cat sat', 'the cat sat on the mat']) == 1
   assert metrics.mbr_pick(['one', 'two', 'three']) == 0 and metrics.mbr_pick(['only']) == 0
+  assert metrics.mbr_pick(['x y', 'a b', 'a b', 'a c']) == 1  # a repeated candidate counts twice
 
 
 def test_generate_task_with_mbr_keeps_each_prompts_pick_of_greedy_and_samples(checkpoint, tmp_path,
@@ -119,13 +120,14 @@ def test_generate_task_with_mbr_keeps_each_prompts_pick_of_greedy_and_samples(ch
   out = tmp_path / 'gen.jsonl'
   evaluate.main(['--checkpoint', str(checkpoint), '--task', 'generate', '--data', str(data),
                  '--metrics', 'rouge', '--max-tokens', '6', '--batch-size', '2', '--temperature', '1.5',
-                 '--seed', '5', '--mbr', '3', '--out', str(out), '--config.mesh.model=1'])
+                 '--seed', '5', '--mbr', '3', '--no-repeat-ngram', '2', '--out', str(out),
+                 '--config.mesh.model=1'])
   printed = json.loads(capsys.readouterr().out)
   hyps = [json.loads(line)['output'] for line in out.read_text().splitlines()]
   m = inference.load(checkpoint, devices=jax.devices()[:1])
   gen = generate.Generator(m.rt, m.params, m.tokenizer.eod_id)
   ids = [m.tokenizer.encode(p) for p in prompts]
-  runs = [generate.in_batches(gen, ids, 2, 6, **kw)
+  runs = [generate.in_batches(gen, ids, 2, 6, no_repeat_ngram=2, **kw)  # blocked as every candidate
           for kw in [{}] + [dict(temperature=1.5, seed=5 + k) for k in (1, 2, 3)]]
   eod = m.tokenizer.eod_id
   candidates = [[m.tokenizer.decode(run[i][:-1] if run[i][-1] == eod else run[i]).strip()
@@ -134,6 +136,7 @@ def test_generate_task_with_mbr_keeps_each_prompts_pick_of_greedy_and_samples(ch
   assert hyps == [c[k] for c, k in zip(candidates, picks)]
   assert any(c[k] != c[0] for c, k in zip(candidates, picks))  # a sample kept, not the greedy one
   assert printed['mbr'] == 3 and printed['generated_tokens'] == sum(len(t) for r in runs for t in r)
+  assert printed['mbr_greedy_kept'] == sum(c[k] == c[0] for c, k in zip(candidates, picks))
   assert printed['rougeL'] == pytest.approx(metrics.score(hyps, ['Return x.'] * 3, ['rouge'])['rougeL'])
 
 
@@ -183,7 +186,9 @@ def test_a_bad_line_names_file_and_line_and_writes_nothing(line, expected, tmp_p
     (['--temperature', '-1'], '--temperature -1.0 must be'),
     (['--no-repeat-ngram', '-1'], '--no-repeat-ngram -1 must be >= 0 (0: off)'),
     (['--mbr', '8'], '--mbr 8: its samples need --temperature > 0 (0.7 is a good start)'),
-    (['--mbr', '-1', '--temperature', '0.7'], '--mbr -1: must be >= 0 (0: off)'),
+    (['--mbr', '-1', '--temperature', '0.7'], '--mbr -1 must be 0 (off) or >= 2'),
+    (['--mbr', '1', '--temperature', '0.7'], '--mbr 1 must be 0 (off) or >= 2'),
+    (['--mbr', '2', '--temperature', '0.7', '--seed', str(2**63 - 2)], 'seeds must fit in 64 bits'),
 ])
 def test_bad_flags_are_refused_before_loading(args, expected, tmp_path, capsys):
   data = tmp_path / 'test.jsonl'
